@@ -1,0 +1,11 @@
+"""Models: the Conformer backbone (official layout, timm-registered) and the DBC model with its baselines."""
+from .conformer import ARCH_CONFIGS, Conformer, build_conformer
+from .pretrained import load_pretrained
+
+
+def list_models():
+    """Names of the supported Conformer variants (each also a timm model name)."""
+    return list(ARCH_CONFIGS)
+
+
+__all__ = ["ARCH_CONFIGS", "Conformer", "build_conformer", "load_pretrained", "list_models"]
