@@ -1,0 +1,220 @@
+"""Datasets for WSOL training and evaluation: `build_dataset`, `collate`, and bad-image handling."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from . import readers
+from .archive import resolve_root
+from .errors import DatasetError
+from .readers import ReadResult, Sample
+from .transforms import EvalTransform, TrainTransform, check_img_size
+
+DATASET_NAMES = ("cub", "ilsvrc", "tiny-imagenet", "folder")
+SPLITS = ("train", "val", "test")
+
+
+class SkippedSample(NamedTuple):
+    """What `dataset[i]` returns instead of raising when `on_corrupt="skip"` and the image cannot be read."""
+    index: int
+    path: str
+    reason: str
+    img_size: int
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode an image fully as RGB; any failure is a DatasetError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() decodes the whole image, so truncation shows up here
+    except FileNotFoundError as e:
+        raise DatasetError("image file does not exist", path) from e
+    except UnidentifiedImageError as e:
+        raise DatasetError("not an image PIL can read (corrupt or wrong format)", path) from e
+    except (OSError, SyntaxError, ValueError) as e:  # truncated data, bad headers, decoder errors
+        raise DatasetError(f"corrupt or truncated image: {e}", path) from e
+
+
+class WSOLDataset(torch.utils.data.Dataset):
+    """A list of `Sample`s plus a transform. See `build_dataset`."""
+
+    def __init__(self, samples: list[Sample], class_names: list[str], img_size: int = 224, train: bool = False,
+                 name: str = "", split: str = "", root: str = "", on_corrupt: str = "error"):
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+        self.samples = samples
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.img_size = check_img_size(img_size)
+        self.train = train
+        self.transform = TrainTransform(img_size) if train else EvalTransform(img_size)
+        self.name, self.split, self.root = name, split, str(root)
+        self.on_corrupt = on_corrupt
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            image = load_image(sample.path)
+        except DatasetError as e:
+            if self.on_corrupt == "skip":
+                return SkippedSample(index, sample.path, e.reason, self.img_size)
+            raise
+        size = sample.size or image.size
+        boxes = sample.boxes
+        if sample.size is None and len(boxes):
+            # size known only now: apply the clipping policy of readers.check_box to the decoded size
+            w, h = size
+            if (boxes[:, 0] > w).any() or (boxes[:, 1] > h).any():
+                raise DatasetError(f"a box {boxes.tolist()} lies entirely outside the {w}x{h} image", sample.path)
+            if (boxes[:, 2] > w).any() or (boxes[:, 3] > h).any():
+                warnings.warn(f"{sample.path}: box(es) reach outside the {w}x{h} image and were clipped to it")
+                boxes = np.minimum(boxes, np.array([w, h, w, h], np.float32))
+        tensor, boxes = self.transform(image, boxes, size)
+        return {"image": tensor, "label": sample.label, "boxes": boxes, "orig_size": tuple(size),
+                "path": sample.path, "index": index}
+
+    def __repr__(self):
+        return (f"WSOLDataset({self.name!r}, split={self.split!r}, {len(self)} images, {self.num_classes} classes, "
+                f"{self.transform!r}, root={self.root!r})")
+
+
+def collate(items: list) -> dict:
+    """Batch dict: image [n,3,S,S], label LongTensor[n], boxes list of [k,4], orig_size list, path list,
+    index LongTensor[n], skipped list of SkippedSample (images dropped because they could not be read;
+    n may then be smaller than the number of items, even 0)."""
+    kept = [it for it in items if not isinstance(it, SkippedSample)]
+    skipped = [it for it in items if isinstance(it, SkippedSample)]
+    if kept:
+        image = torch.stack([it["image"] for it in kept])
+    else:
+        s = skipped[0].img_size if skipped else 0
+        image = torch.zeros((0, 3, s, s))
+    return {
+        "image": image,
+        "label": torch.tensor([it["label"] for it in kept], dtype=torch.long),
+        "boxes": [it["boxes"] for it in kept],
+        "orig_size": [it["orig_size"] for it in kept],
+        "path": [it["path"] for it in kept],
+        "index": torch.tensor([it["index"] for it in kept], dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+class SkippedImages:
+    """Counts the images a loader skipped (batch["skipped"]) and stops the run when there are too many.
+
+    Use: `tracker = SkippedImages(len(dataset)); for batch in loader: tracker.update(batch) ...;
+    print(tracker.summary())`. More than `max_fraction` of the dataset skipped raises DatasetError.
+    """
+
+    def __init__(self, dataset_size: int, max_fraction: float = 0.01):
+        self.dataset_size = dataset_size
+        self.max_fraction = max_fraction
+        self.paths: dict[str, str] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.paths)
+
+    def update(self, batch: dict) -> int:
+        for item in batch.get("skipped", ()):
+            if item.path not in self.paths:
+                self.paths[item.path] = item.reason
+                warnings.warn(f"skipped unreadable image {item.path}: {item.reason}")
+        if self.count > self.max_fraction * max(self.dataset_size, 1):
+            raise DatasetError(f"{self.count} of {self.dataset_size} images could not be read (more than "
+                               f"{self.max_fraction:.1%}); first: {self.summary()}", next(iter(self.paths)))
+        return len(batch.get("skipped", ()))
+
+    def summary(self) -> str:
+        if not self.paths:
+            return "no images skipped"
+        path, reason = next(iter(self.paths.items()))
+        return f"{self.count} image(s) skipped, e.g. {path}: {reason}"
+
+
+def _read(name: str, root: Path, split: str, metadata=None, class_list=None, val_boxes=None,
+          boxes=None) -> ReadResult:
+    if name == "cub":
+        if metadata is not None:
+            return readers.read_cub_wsol(root, split, Path(metadata))
+        return readers.read_cub(root, split)
+    if name == "ilsvrc":
+        return readers.read_ilsvrc(root, split, metadata=metadata, class_list=class_list,
+                                   val_boxes=val_boxes if val_boxes is not None else boxes)
+    if name == "tiny-imagenet":
+        return readers.read_tiny_imagenet(root, split)
+    if name == "folder":
+        base, own = readers.folder_split_root(root, split)
+        if not own:
+            warnings.warn(f"folder dataset {root} has no {split}/ subfolder: split {split!r} uses all its images")
+        return readers.read_folder(root, split, boxes=boxes if boxes is not None else val_boxes,
+                                   class_list=class_list)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+
+
+def build_dataset(name: str, root: str | os.PathLike, split: str, img_size: int = 224, train: bool = False, *,
+                  metadata: str | os.PathLike | None = None, class_list: str | os.PathLike | None = None,
+                  val_boxes: str | os.PathLike | None = None, boxes: str | os.PathLike | None = None,
+                  check_files: bool = True, missing_images: str = "error",
+                  on_corrupt: str = "error") -> WSOLDataset:
+    """Build a dataset.
+
+    name: cub | ilsvrc | tiny-imagenet | folder. root: a folder or a .tar/.tar.gz/.tgz archive (unpacked
+    once into the cache, see dbc_fast.data.archive). split: train | val | test. train: training transform
+    (random crop + flip) instead of the evaluation one.
+    Options: metadata (wsolevaluation metadata folder: cub and ilsvrc), class_list (a class-order file:
+    ilsvrc, folder), val_boxes / boxes (ilsvrc val: LOC_val_solution.csv or a folder of XML files; folder:
+    a CSV file or an XML folder), check_files (every listed image must exist; not needed for folders that
+    are listed from disk), missing_images ("error": a listed image that does not exist is an error; "skip":
+    such samples are left out with a warning, e.g. to evaluate the ILSVRC images you have against the full
+    wsolevaluation metadata), on_corrupt ("error": an unreadable image raises DatasetError; "skip": dataset[i]
+    returns a SkippedSample, which `collate` drops and reports in batch["skipped"]).
+    """
+    name = name.lower().replace("_", "-")
+    if name in ("tiny", "tinyimagenet"):
+        name = "tiny-imagenet"
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_img_size(img_size)
+    root_dir = resolve_root(root)
+    metadata_dir = resolve_root(metadata) if metadata is not None else None
+    result = _read(name, root_dir, split, metadata=metadata_dir, class_list=class_list, val_boxes=val_boxes,
+                   boxes=boxes)
+    readers.check_labels(result, len(result.class_names))
+    if missing_images not in ("error", "skip"):
+        raise ValueError(f"missing_images must be 'error' or 'skip', got {missing_images!r}")
+    if check_files or missing_images == "skip":
+        dropped = readers.check_files_exist(result, skip_missing=missing_images == "skip")
+        if dropped:
+            warnings.warn(f"{name} {split}: {dropped} image(s) listed in the annotations are not on disk and were "
+                          f"left out (missing_images='skip'); {len(result.samples)} remain")
+        readers.require_samples(result, f"{name} split {split!r} (no listed image exists)", root_dir)
+    readers.warn_clipped(result, f"{name} {split}")
+    return WSOLDataset(result.samples, result.class_names, img_size=img_size, train=train, name=name, split=split,
+                       root=str(root_dir), on_corrupt=on_corrupt)
+
+
+def available_splits(name: str, root: str | os.PathLike, **options) -> list[str]:
+    """The splits `build_dataset` can build for this dataset and options (reads the annotations)."""
+    found = []
+    for split in SPLITS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build_dataset(name, root, split, **{**options, "check_files": False, "missing_images": "error"})
+            found.append(split)
+        except DatasetError:
+            pass
+    return found

@@ -1,0 +1,89 @@
+"""Image + box transforms of the paper (section 4.1), for any size S that is a multiple of 32.
+
+train: resize to R x R with R = round(S * 256 / 224) (256 for S = 224), random S x S crop, horizontal
+       flip with probability 0.5, ImageNet mean/std normalisation.
+eval:  resize to S x S (no crop), normalisation; boxes scaled the same way.
+
+Resizing is PIL bilinear (what torchvision's Resize does on PIL images; PIL filters over the whole
+source footprint when shrinking). Boxes are scaled as `x * S / w` (multiply first, so an integer result
+is exact in float32, the same numbers as wsolevaluation's float64 `resize_bbox` before it truncates).
+`w, h` is the size the boxes refer to (the metadata size where the source has one, as wsolevaluation
+does), which may differ from the decoded image's size (e.g. ilsvrc-val-300's images squashed to 227x227).
+Train boxes: after the crop they are clipped to [0, S - 1] (boxes entirely outside the crop are dropped),
+and the flip maps the inclusive pixel column x to S - 1 - x. The random numbers come from torch's RNG, so
+DataLoader worker seeding makes them reproducible.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_img_size(img_size: int) -> int:
+    if not isinstance(img_size, (int, np.integer)) or img_size <= 0 or img_size % 32:
+        raise ValueError(f"img_size must be a positive multiple of 32 (the model downsamples by 32), got {img_size!r}")
+    return int(img_size)
+
+
+def train_resize_size(img_size: int) -> int:
+    """The square side images are resized to before the random crop: 256 for 224, 73 for 64, 146 for 128."""
+    return int(round(img_size * 256 / 224))
+
+
+def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def scale_boxes(boxes: np.ndarray, size: tuple[int, int], new_w: int, new_h: int) -> np.ndarray:
+    """Boxes in the pixels of `size` = (w, h) -> pixels of a (new_w, new_h) resize of that image."""
+    w, h = size
+    out = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+    out[:, 0::2] = out[:, 0::2] * new_w / w
+    out[:, 1::2] = out[:, 1::2] * new_h / h
+    return out
+
+
+class EvalTransform:
+    def __init__(self, img_size: int = 224):
+        self.img_size = check_img_size(img_size)
+
+    def __call__(self, image: Image.Image, boxes: np.ndarray, size: tuple[int, int]):
+        s = self.img_size
+        image = image.resize((s, s), Image.BILINEAR)
+        boxes = scale_boxes(boxes, size, s, s)
+        return to_normalized_tensor(image), torch.from_numpy(boxes.astype(np.float32))
+
+    def __repr__(self):
+        return f"EvalTransform(resize {self.img_size}x{self.img_size}, normalize)"
+
+
+class TrainTransform:
+    def __init__(self, img_size: int = 224, flip_prob: float = 0.5):
+        self.img_size = check_img_size(img_size)
+        self.resize = train_resize_size(self.img_size)
+        self.flip_prob = flip_prob
+
+    def __call__(self, image: Image.Image, boxes: np.ndarray, size: tuple[int, int]):
+        s, r = self.img_size, self.resize
+        image = image.resize((r, r), Image.BILINEAR)
+        left = int(torch.randint(0, r - s + 1, ()).item())
+        top = int(torch.randint(0, r - s + 1, ()).item())
+        image = image.crop((left, top, left + s, top + s))
+        boxes = scale_boxes(boxes, size, r, r)
+        boxes[:, 0::2] -= left
+        boxes[:, 1::2] -= top
+        inside = (boxes[:, 0] <= s - 1) & (boxes[:, 1] <= s - 1) & (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0)
+        boxes = np.clip(boxes[inside], 0, s - 1)
+        if torch.rand(()).item() < self.flip_prob:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            boxes = np.stack([s - 1 - boxes[:, 2], boxes[:, 1], s - 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+        return to_normalized_tensor(image), torch.from_numpy(boxes.astype(np.float32).reshape(-1, 4))
+
+    def __repr__(self):
+        return (f"TrainTransform(resize {self.resize}x{self.resize}, random crop {self.img_size}, "
+                f"flip p={self.flip_prob}, normalize)")
