@@ -3,4 +3,4 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: F401
 from . import models  # noqa: F401  (also registers the Conformer variants with timm)
-from .models import list_models, load_pretrained  # noqa: F401
+from .models import create_model, list_models, load_pretrained  # noqa: F401

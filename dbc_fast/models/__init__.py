@@ -1,5 +1,6 @@
 """Models: the Conformer backbone (official layout, timm-registered) and the DBC model with its baselines."""
 from .conformer import ARCH_CONFIGS, Conformer, build_conformer
+from .dbc import DEFAULT_OPTIONS, METHODS, DBCModel, create_model, minmax_normalize
 from .pretrained import load_pretrained
 
 
@@ -8,4 +9,5 @@ def list_models():
     return list(ARCH_CONFIGS)
 
 
-__all__ = ["ARCH_CONFIGS", "Conformer", "build_conformer", "load_pretrained", "list_models"]
+__all__ = ["ARCH_CONFIGS", "Conformer", "build_conformer", "DEFAULT_OPTIONS", "METHODS", "DBCModel",
+           "create_model", "minmax_normalize", "load_pretrained", "list_models"]

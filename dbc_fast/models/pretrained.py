@@ -154,28 +154,29 @@ def load_backbone_state(backbone: Conformer, sd: Dict[str, torch.Tensor], path: 
                                           {k: ref[k] for k in head_keys})
     if missing_h or unexpected_h:
         raise ValueError(_mismatch_message(path, target, missing_h, unexpected_h, [], sd))
-    # a classifier differing only in its class count is expected (fine-tuning); anything else is not
+    # A head is re-initialised when the checkpoint's differs only in the class count (fine-tuning on another
+    # label set) or when the model replaced it by a TS-CAM conv head; any other difference is an error.
     reinit: List[str] = []
-    ckpt_classes = {sd[k].shape[0] for k in head_keys}
-    if len(ckpt_classes) != 1:
-        raise ValueError(f"{path}: the classifier heads disagree on the class count: "
-                         + ", ".join(f"{k} {_shape(sd[k])}" for k in head_keys))
-    for k in head_keys:
-        if sd[k].shape[1:] != ref[k].shape[1:]:
-            raise ValueError(_mismatch_message(path, target, [], [], [(k, _shape(sd[k]), _shape(ref[k]))], sd))
-    n_ckpt = ckpt_classes.pop()
     to_load = dict(sd)
-    if n_ckpt != backbone.num_classes:
-        for k in head_keys:
+    for head in CLASSIFIER_PREFIXES:
+        keys = [k for k in head_keys if k.startswith(head + ".")]
+        if all(sd[k].shape == ref[k].shape for k in keys):
+            continue
+        conv_head = isinstance(getattr(backbone, head), nn.Conv2d)
+        class_count_only = all(sd[k].dim() == ref[k].dim() and sd[k].shape[1:] == ref[k].shape[1:] for k in keys)
+        if not (conv_head or class_count_only):
+            shapes = [(k, _shape(sd[k]), _shape(ref[k])) for k in keys if sd[k].shape != ref[k].shape]
+            raise ValueError(_mismatch_message(path, target, [], [], shapes, sd))
+        for k in keys:
             del to_load[k]
-        reinit = sorted({k.rsplit(".", 1)[0] for k in head_keys})
-        msg = (f"{path}: checkpoint has {n_ckpt} classes, the model {backbone.num_classes}: "
-               f"re-initialised {', '.join(reinit)} (all other weights loaded)")
+        reinit.append(f"{head} (checkpoint {_shape(sd[keys[0]])}, model {_shape(ref[keys[0]])})")
+    if reinit:
+        msg = (f"{path}: the model has {backbone.num_classes} classes; re-initialised {', '.join(reinit)}; "
+               f"all other weights loaded")
         log.info(msg)
         warnings.warn(msg, stacklevel=3)
     result = backbone.load_state_dict(to_load, strict=False)
-    leftover = [k for k in result.missing_keys if k not in head_keys or not reinit]
-    if leftover or result.unexpected_keys:  # cannot happen after the checks above; kept as a guard
+    if set(result.missing_keys) - (set(sd) - set(to_load)) or result.unexpected_keys:  # cannot happen after the checks above; kept as a guard
         raise ValueError(f"{path}: unexpected load result {result}")
     return reinit
 
