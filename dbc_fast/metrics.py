@@ -280,15 +280,18 @@ class LocalizationEvaluator:
         best_top1_loc, best_top5_loc; count."""
         if self.count == 0:
             raise ValueError("LocalizationEvaluator.compute() before any accumulate()")
-        pct = 100.0 / self.count
         k = self.topk
-        out = {"top1_cls": self.top1_cls * pct, f"top{k}_cls": self.topk_cls * pct, "count": self.count}
+
+        def pct(x):  # count * 100 / n, in that order (as wsolevaluation), so equal counts give equal floats
+            return x * 100.0 / self.count
+
+        out = {"top1_cls": pct(self.top1_cls), f"top{k}_cls": pct(self.topk_cls), "count": self.count}
         if self.grid is not None:
             offset = 0 if self.fixed_threshold is None else 1
             j = offset + int(np.argmax(self.gt_known[offset:]))
-            out.update({"best_threshold": self.thresholds[j], "best_gt_known_loc": self.gt_known[j] * pct,
-                        "best_top1_loc": self.top1_loc[j] * pct, f"best_top{k}_loc": self.topk_loc[j] * pct})
+            out.update({"best_threshold": self.thresholds[j], "best_gt_known_loc": pct(self.gt_known[j]),
+                        "best_top1_loc": pct(self.top1_loc[j]), f"best_top{k}_loc": pct(self.topk_loc[j])})
         j = 0 if self.fixed_threshold is not None else int(np.argmax(self.gt_known))
-        out.update({"threshold": self.thresholds[j], "gt_known_loc": self.gt_known[j] * pct,
-                    "top1_loc": self.top1_loc[j] * pct, f"top{k}_loc": self.topk_loc[j] * pct})
+        out.update({"threshold": self.thresholds[j], "gt_known_loc": pct(self.gt_known[j]),
+                    "top1_loc": pct(self.top1_loc[j]), f"top{k}_loc": pct(self.topk_loc[j])})
         return {key: (float(v) if isinstance(v, (np.floating, np.integer)) else v) for key, v in out.items()}
