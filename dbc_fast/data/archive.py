@@ -74,14 +74,12 @@ def unpack_archive(path: str | os.PathLike, cache: str | os.PathLike | None = No
 
 
 def dataset_root(unpacked: Path) -> Path:
-    """Descend through folders that hold a single folder and nothing else (e.g. `tiny-imagenet-mini/`)."""
-    current = Path(unpacked)
-    while True:
-        entries = [e for e in current.iterdir() if not e.name.startswith(".")]
-        if len(entries) == 1 and entries[0].is_dir():
-            current = entries[0]
-        else:
-            return current
+    """The archive's single top-level folder if it has exactly one (e.g. `tiny-imagenet-mini/`), else the
+    unpack folder itself. Only one level: `my_ilsvrc/train/...` gives `my_ilsvrc`, not `train`."""
+    entries = [e for e in Path(unpacked).iterdir() if not e.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return Path(unpacked)
 
 
 def resolve_root(root: str | os.PathLike) -> Path:

@@ -198,14 +198,14 @@ def read_wsol_metadata(meta: Path, image_root: Path) -> ReadResult:
             raise DatasetError(f"image id {image_id!r} is not in image_ids.txt", path, line)
         return image_id
 
-    labels: dict[str, int] = {}
-    f = meta / "class_labels.txt"
+    labels: dict[str, tuple[int, int]] = {}
+    labels_file = f = meta / "class_labels.txt"
     for line, text in _read_lines(f):
         image_id, label = _fields(text, 2, f, line, ",", "id,label")
         label = _int(label, f, line, "label")
         if label < 0:
             raise DatasetError(f"label {label} is negative", f, line)
-        labels[known(image_id, f, line)] = label
+        labels[known(image_id, f, line)] = (label, line)
     sizes: dict[str, tuple[int, int]] = {}
     f = meta / "image_sizes.txt"
     if f.is_file():
@@ -227,9 +227,10 @@ def read_wsol_metadata(meta: Path, image_root: Path) -> ReadResult:
     for image_id, line in id_lines:
         if image_id not in labels:
             raise DatasetError(f"image id {image_id!r} has no line in class_labels.txt", ids_file, line)
-        result.samples.append(Sample(str(image_root / image_id), labels[image_id],
+        label, label_line = labels[image_id]
+        result.samples.append(Sample(str(image_root / image_id), label,
                                      _boxes_array(boxes.get(image_id, [])), sizes.get(image_id)))
-        result.origins.append((str(ids_file), line))
+        result.origins.append((str(labels_file), label_line))  # the line that names the image and its label
     return require_samples(result, "this wsolevaluation split", ids_file)
 
 
