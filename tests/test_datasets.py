@@ -513,3 +513,18 @@ def test_bad_xml_archive_and_root(roots, tmp_path, shared_data, monkeypatch):
         build_dataset("coco", tmp_path, "train")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         build_dataset("cub", tmp_path, "dev")
+
+
+def test_archive_unpacked_once_under_concurrency(roots, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("DBC_FAST_CACHE", str(tmp_path / "cache"))
+    archive = tmp_path / "tiny.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(roots["tiny-imagenet-mini.tar.gz"], arcname="tiny-imagenet-mini")
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: unpack_archive(archive), range(4)))
+    assert len(set(results)) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [results[0].name]
+    ds = build_dataset("tiny-imagenet", archive, "val", img_size=32)
+    assert len(ds) == 50 and ds.root == str(results[0] / "tiny-imagenet-mini")

@@ -37,6 +37,8 @@ def load_image(path: str) -> Image.Image:
         raise DatasetError("image file does not exist", path) from e
     except UnidentifiedImageError as e:
         raise DatasetError("not an image PIL can read (corrupt or wrong format)", path) from e
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"image too large to decode safely: {e}", path) from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, bad headers, decoder errors
         raise DatasetError(f"corrupt or truncated image: {e}", path) from e
 

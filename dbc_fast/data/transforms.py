@@ -11,7 +11,8 @@ is exact in float32, the same numbers as wsolevaluation's float64 `resize_bbox` 
 does), which may differ from the decoded image's size (e.g. ilsvrc-val-300's images squashed to 227x227).
 Train boxes: after the crop they are clipped to [0, S - 1] (boxes entirely outside the crop are dropped),
 and the flip maps the inclusive pixel column x to S - 1 - x. The random numbers come from torch's RNG, so
-DataLoader worker seeding makes them reproducible.
+DataLoader worker seeding makes them reproducible. The draws and their order (crop left, crop top, flip)
+are part of the contract: the DALI loader (dali.train_params) reproduces them.
 """
 from __future__ import annotations
 
