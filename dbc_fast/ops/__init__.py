@@ -1,8 +1,15 @@
 """The DBC head's ops behind one API, with selectable backends.
 
-``masked_pool`` and ``contrastive_losses`` take ``backend`` in ``eager | triton | cpp | auto``.
-``auto`` picks cpp > triton > eager by what is available for the tensors' device. A forced backend that
-is unavailable raises a clear error. Backends register themselves in ``_BACKENDS``.
+``masked_pool`` and ``contrastive_losses`` take ``backend`` in ``eager | triton | cpp | auto``:
+- ``eager``: the PyTorch reference (dbc_fast.ops.eager), any device and dtype;
+- ``cpp``: the compiled op library (csrc/): CUDA kernels for CUDA tensors, C++/OpenMP kernels for CPU tensors;
+- ``triton``: the Triton kernels (kernels/, dbc_fast.kernels): CUDA tensors, or CPU tensors under
+  TRITON_INTERPRET=1;
+- ``auto`` picks cpp > triton > eager by what is available for the tensors' device.
+A forced backend that is unavailable raises a RuntimeError that says why. ``available_backends(device)``
+lists them with the reasons. cpp and triton are torch.library custom ops (``dbc_fast::masked_pool``,
+``dbc_fast::contrastive_losses``, ``dbc_fast::triton_masked_pool``, ``dbc_fast::triton_contrastive_losses``,
+each with a ``_backward`` op) with fake kernels and autograd, so torch.compile traces them without graph breaks.
 """
 from __future__ import annotations
 
@@ -13,8 +20,11 @@ from . import eager
 BACKEND_NAMES = ("eager", "triton", "cpp", "auto")
 
 # name -> object with masked_pool(feat, masks), contrastive_losses(fc, bc, ft, bt, negatives, eps),
-# and available(device) -> (bool, reason). Filled by dbc_fast.ops.backends.
+# and available(device) -> (bool, reason). Filled at the end of this module.
 _BACKENDS: dict = {}
+# (backend name, device type) -> (bool, reason); availability does not change within a process, and a dict
+# lookup keeps torch.compile from tracing into library loading.
+_AVAILABLE: dict = {}
 
 
 class _EagerBackend:
@@ -29,21 +39,32 @@ class _EagerBackend:
 _BACKENDS["eager"] = _EagerBackend
 
 
+def _availability(name: str, device: torch.device):
+    key = (name, device.type)
+    if key not in _AVAILABLE:
+        impl = _BACKENDS.get(name)
+        _AVAILABLE[key] = (False, "not built into this install of dbc_fast") if impl is None else \
+            impl.available(device)
+    return _AVAILABLE[key]
+
+
+def available_backends(device="cpu") -> dict:
+    """{name: (available, reason)} of the concrete backends for tensors on ``device``."""
+    device = torch.device(device)
+    return {name: _availability(name, device) for name in ("eager", "triton", "cpp")}
+
+
 def _resolve(backend: str, device: torch.device):
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if backend == "auto":
         for name in ("cpp", "triton", "eager"):
-            impl = _BACKENDS.get(name)
-            if impl is not None and impl.available(device)[0]:
-                return impl
-    impl = _BACKENDS.get(backend)
-    if impl is None:
-        raise RuntimeError(f"backend {backend!r} is not built into this install of dbc_fast")
-    ok, why = impl.available(device)
+            if _availability(name, device)[0]:
+                return _BACKENDS[name]
+    ok, why = _availability(backend, device)
     if not ok:
         raise RuntimeError(f"backend {backend!r} is unavailable for {device.type} tensors: {why}")
-    return impl
+    return _BACKENDS[backend]
 
 
 def masked_pool(feat: torch.Tensor, masks: torch.Tensor, backend: str = "eager"):
@@ -62,6 +83,12 @@ def contrastive_losses(fc, bc, ft, bt, negatives: str = "cross", eps: float = 5e
     shapes = {tuple(x.shape) for x in (fc, bc, ft, bt)}
     if len(shapes) != 1 or fc.dim() != 2:
         raise ValueError(f"contrastive_losses wants four [n, C] tensors of one shape, got {sorted(shapes)}")
+    if negatives not in ("cross", "within"):
+        raise ValueError(f"contrastive_losses: negatives must be 'cross' or 'within', got {negatives!r}")
+    if not 0 < eps < 0.5:
+        raise ValueError(f"contrastive_losses: eps must be in (0, 0.5), got {eps}")
+    if fc.shape[0] == 0:
+        raise ValueError("contrastive_losses: needs at least one row (n = 0)")
     return _resolve(backend, fc.device).contrastive_losses(fc, bc, ft, bt, negatives=negatives, eps=eps)
 
 
@@ -90,3 +117,16 @@ def load_library() -> bool:
         torch.ops.load_library(path)
         _LIBRARY_LOADED = True
     return True
+
+
+def _register_backends():
+    from .cpp_backend import CppBackend, _load
+    from .triton_backend import TritonBackend
+
+    _load()  # so torch.ops.dbc_fast.* exist (with fakes and autograd) as soon as dbc_fast.ops is imported
+
+    _BACKENDS["cpp"] = CppBackend
+    _BACKENDS["triton"] = TritonBackend
+
+
+_register_backends()
