@@ -1,0 +1,104 @@
+"""`dbc-fast` (also `python -m dbc_fast`): train, eval, predict, export, bench-loader.
+
+Every subcommand lives in its own module with `add_arguments(parser)` and `main(args) -> int`. A module
+that cannot be imported (e.g. an optional part not installed) only fails when its subcommand is used.
+
+`--config FILE.yaml` (any subcommand) gives option values: keys are the long option names, with '-' or
+'_' (`batch-size: 64` or `batch_size: 64`). Precedence: command line > config file > built-in defaults.
+An unknown key stops with the file and key named.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("dbc_fast.engine.train", "train a model (validation every epoch, checkpoints, resume)"),
+    "eval": ("dbc_fast.engine.evaluate", "evaluate a checkpoint: Cls / Loc accuracies and MaxBoxAccV2"),
+    "predict": ("dbc_fast.engine.predict", "classes and boxes for image files, optionally drawn"),
+    "export": ("dbc_fast.export", "export a checkpoint to TorchScript / torch.export (AOTInductor)"),
+    "bench-loader": ("dbc_fast.data.bench_loader", "measure data loader throughput (torch vs DALI)"),
+}
+
+
+def _import(command: str):
+    module_name = COMMANDS[command][0]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise SystemExit(f"dbc-fast {command}: its module {module_name} cannot be imported ({e}). "
+                         f"Is this part of dbc_fast installed?") from e
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Option defaults from a YAML mapping, checked against the subcommand's options."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"--config: file not found: {path}")
+    except yaml.YAMLError as e:
+        raise SystemExit(f"--config {path}: not valid YAML: {e}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            known = ", ".join(sorted(d.replace("_", "-") for d in actions))
+            raise SystemExit(f"--config {path}: unknown option {key!r} (known: {known})")
+        action = actions[dest]
+        if action.choices is not None and value is not None:
+            items = value if isinstance(value, list) else [value]
+            bad = [v for v in items if v not in action.choices]
+            if bad:
+                raise SystemExit(f"--config {path}: {key}: {bad[0]!r} is not one of {list(action.choices)}")
+        if action.type is not None and value is not None:
+            try:
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            except (TypeError, ValueError) as e:
+                raise SystemExit(f"--config {path}: {key}: {value!r} is not valid ({e})")
+        values[dest] = value
+    return values
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dbc-fast", description="DBC weakly supervised object localization")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", metavar="FILE", help="YAML file of option values (command line wins)")
+        if commands is not None and name in commands:
+            commands[name].add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+        parser.print_help()
+        return 0 if argv else 2
+    command = argv[0]
+    module = _import(command)
+    parser = build_parser({command: module})
+    sub = parser._subparsers._group_actions[0].choices[command]
+    first = parser.parse_args(argv)
+    if first.config:
+        sub.set_defaults(**load_config(first.config, sub))
+        args = parser.parse_args(argv)
+    else:
+        args = first
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Checkpoints: written atomically, holding everything needed to resume a run exactly.
+
+File layout (a dict saved with torch.save):
+  model        the model's state_dict (never the DDP / torch.compile wrapper's)
+  optimizer    optimizer state_dict          scheduler   LR scheduler state_dict
+  epoch        epochs fully done before this checkpoint (the epoch a resumed run starts in)
+  step         batches already done inside `epoch` (0 at an epoch boundary; >0 for a mid-epoch checkpoint)
+  global_step  optimizer steps done since the start of the run
+  rng          list with one entry per rank: python, numpy, torch CPU and CUDA generator states
+  best_metric  best validation Top-1 Loc so far (percent) and its epoch
+  config       arch, num_classes, method, model_options, img_size, class_names, dataset, ... (what
+               `load_model` needs to rebuild the model without the training command line)
+  train_args   the training options, so a resumed run can warn when they differ
+  meters       the running sums of the epoch in progress (mid-epoch checkpoints)
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            torch.cuda.set_rng_state(cuda_states[0])
+
+
+def save_atomic(obj, path: str) -> None:
+    """Writes `obj` to a temporary file beside `path`, then renames it over `path`: a crash never leaves a
+    truncated checkpoint (the previous one stays until the new one is complete)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        # Our checkpoints hold numpy RNG state and plain python objects besides tensors.
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a dbc_fast checkpoint (expected a dict with 'model' and 'config'; "
+                         f"for an official Conformer ImageNet checkpoint use --pretrained)")
+    return ckpt
+
+
+def model_config(model, img_size: int, class_names, dataset: str, **extra) -> dict:
+    """The checkpoint's `config`: what `load_model` needs to rebuild `model` for inference."""
+    options = dict(getattr(model, "options", {}) or {})
+    options.pop("pretrained", None)  # the weights are in the checkpoint itself
+    config = {
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "method": model.method,
+        "model_options": options,
+        "img_size": int(img_size),
+        "class_names": list(class_names),
+        "dataset": dataset,
+    }
+    config.update(extra)
+    return config
+
+
+def build_model_from_config(config: dict):
+    import dbc_fast
+
+    options = dict(config.get("model_options", {}))
+    options.pop("pretrained", None)
+    return dbc_fast.create_model(config["arch"], config["num_classes"], method=config["method"], **options)
+
+
+def load_model(path: str, device="cpu"):
+    """(model, config) from a dbc_fast checkpoint; the model is on `device`, in eval mode."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    model = build_model_from_config(config)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match {config['arch']}/{config['method']}: "
+                         f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    model.to(device).eval()
+    return model, config

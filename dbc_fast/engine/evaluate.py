@@ -1,0 +1,209 @@
+"""`dbc-fast eval`: every WSOL figure of the paper for a checkpoint, on a dataset split.
+
+For each map the method has (M = the final map, M_a = attention map, M_c = CNN map; cam/tscam have M only):
+Top-1/Top-5 Cls, GT-known / Top-1 / Top-5 Loc at --cam-threshold and at the best threshold of a sweep,
+MaxBoxAccV2 and its per-IoU accuracies, computed by dbc_fast.metrics (wsolevaluation conventions). Maps are
+asked for the ground-truth class (`map_classes=labels`) as wsolevaluation does; class-agnostic maps (dbc,
+cls) ignore it. Prints one line per figure (`GT-known Loc (M): 57.30`) and writes OUT/metrics.json.
+Under torchrun every rank evaluates its shard and rank 0 computes the metrics from all of them (the same
+numbers as one process).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import distributed as dist_utils
+
+MAP_NAMES = {"map": "M", "map_a": "M_a", "map_c": "M_c"}
+# metric key (as dbc_fast.metrics computes it) -> the paper's name, in print order
+FIGURES = (
+    ("top1_cls", "Top-1 Cls"), ("top5_cls", "Top-5 Cls"),
+    ("gt_known_loc", "GT-known Loc"), ("top1_loc", "Top-1 Loc"), ("top5_loc", "Top-5 Loc"),
+    ("threshold", "map threshold"),
+    ("best_gt_known_loc", "GT-known Loc, best threshold"), ("best_top1_loc", "Top-1 Loc, best threshold"),
+    ("best_top5_loc", "Top-5 Loc, best threshold"), ("best_threshold", "best map threshold"),
+    ("MaxBoxAccV2", "MaxBoxAccV2"),
+    ("MaxBoxAcc@30", "MaxBoxAcc IoU 0.3"), ("MaxBoxAcc@50", "MaxBoxAcc IoU 0.5"),
+    ("MaxBoxAcc@70", "MaxBoxAcc IoU 0.7"),
+)
+DEFAULT_SWEEP = tuple(round(0.01 * i, 2) for i in range(100))  # 0.00 .. 0.99, wsolevaluation's grid
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .train import add_data_arguments
+
+    add_data_arguments(p)
+    p.add_argument("--split", default="auto",
+                   help="split to evaluate: test (cub, ilsvrc) / val (tiny-imagenet) by default (auto)")
+    p.add_argument("--checkpoint", help="dbc_fast checkpoint (best.pt / last.pt) (required)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch per process (default 64)")
+    p.add_argument("--out", help="folder for metrics.json (required)")
+    p.add_argument("--cam-threshold", type=float, default=0.2, help="map threshold for the boxes (default 0.2)")
+    p.add_argument("--sweep-interval", type=float, default=0.01,
+                   help="map thresholds 0, i, 2i, .. < 1 tried for the best-threshold figures (default 0.01; 0 = skip)")
+    p.add_argument("--maps", nargs="+", choices=("M", "M_a", "M_c"), default=["M", "M_a", "M_c"],
+                   help="maps to evaluate, where the method has them (default all)")
+    p.add_argument("--no-maxboxacc", action="store_true", help="skip MaxBoxAccV2 (the slowest part)")
+    p.add_argument("--missing-images", choices=("error", "skip"), default="error",
+                   help="an annotated image missing on disk: stop (error, default) or leave it out with a warning")
+    p.add_argument("--limit-images", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ------------------------------------------------------------------------------------------ the metrics
+
+
+class _MapMetrics:
+    """The evaluators of one map: Cls/Loc at the chosen threshold (and the sweep), MaxBoxAccV2."""
+
+    def __init__(self, cam_threshold: float, sweep, box_eval: bool):
+        from ..metrics import BoxEvaluator, LocalizationEvaluator
+
+        self.cam_threshold = cam_threshold
+        # with a sweep, compute() adds the threshold of the highest GT-known Loc and its figures
+        self.loc = LocalizationEvaluator(cam_thresholds=list(sweep) if sweep else None)
+        self.box = BoxEvaluator() if box_eval else None
+
+    def accumulate(self, logits, labels, maps, boxes, image_size):
+        # maps are resized (bicubic) to the evaluation image size, where the boxes are
+        self.loc.accumulate(logits, labels, maps, boxes, self.cam_threshold, image_size=image_size)
+        if self.box is not None:
+            self.box.accumulate(maps, boxes, image_size=image_size)
+
+    def compute(self) -> dict:
+        out = self.loc.compute()
+        if self.box is not None:
+            out.update(self.box.compute())
+        return out
+
+
+@torch.no_grad()
+def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: float = 0.2,
+                   map_keys=("map", "map_a", "map_c"), box_eval: bool = True, threshold_sweep=DEFAULT_SWEEP,
+                   progress: bool = True) -> dict:
+    """{"M": {...}, "M_a": {...}, "M_c": {...}} of the maps the model gives, over every sample of `loader`
+    (all ranks' shards). Every rank gets the same result."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    if threshold_sweep is True:
+        threshold_sweep = DEFAULT_SWEEP
+    elif threshold_sweep is False:
+        threshold_sweep = ()
+    main = dist_utils.is_main()
+    evaluators: dict = {}
+    n_batches = dist_utils.all_reduce_max(len(loader))  # shards may differ by one batch
+    it = iter(loader)
+    bar = tqdm(total=n_batches, desc="evaluating", unit="batch", disable=not (main and progress),
+               dynamic_ncols=True, file=sys.stderr)
+    for _ in range(n_batches):
+        batch = next(it, None)
+        local = None
+        if batch is not None:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                outputs = model(batch["image"], map_classes=batch["label"])
+            local = {"logits": outputs["logits"].float().cpu(), "labels": batch["label"].cpu(),
+                     "image_size": tuple(batch["image"].shape[-2:]),
+                     "boxes": [b.cpu() for b in batch["boxes"]],
+                     "maps": {k: outputs[k].float().cpu() for k in map_keys if outputs.get(k) is not None}}
+        parts = dist_utils.all_gather_objects(local)
+        if main:
+            for part in parts:
+                if part is None:
+                    continue
+                for key, maps in part["maps"].items():
+                    if key not in evaluators:
+                        evaluators[key] = _MapMetrics(cam_threshold, threshold_sweep, box_eval)
+                    evaluators[key].accumulate(part["logits"], part["labels"], maps, part["boxes"],
+                                               part["image_size"])
+        bar.update(1)
+    bar.close()
+    results = {MAP_NAMES[k]: ev.compute() for k, ev in evaluators.items()} if main else None
+    if was_training:
+        model.train()
+    return dist_utils.broadcast_object(results)
+
+
+def headline(metrics: dict, map_name: str) -> str:
+    return (f"Top-1 Cls {metrics['top1_cls']:.2f}, GT-known Loc ({map_name}) {metrics['gt_known_loc']:.2f}, "
+            f"Top-1 Loc ({map_name}) {metrics['top1_loc']:.2f}")
+
+
+def format_results(results: dict) -> list[str]:
+    """One line per figure, named as in the paper: `GT-known Loc (M): 57.30`."""
+    lines = []
+    for map_name, metrics in results.items():
+        for key, name in FIGURES:
+            if key in metrics:
+                digits = 2 if "threshold" not in key else 3
+                lines.append(f"{name} ({map_name}): {metrics[key]:.{digits}f}")
+    return lines
+
+
+def _sweep(interval: float):
+    if interval <= 0:
+        return ()
+    if interval >= 1:
+        raise SystemExit(f"--sweep-interval must be in (0, 1), got {interval}")
+    return tuple(round(float(t), 6) for t in np.arange(0, 1, interval))
+
+
+def default_split(dataset: str) -> str:
+    # the split the paper reports: CUB test, ILSVRC val (called "test" in wsolevaluation's metadata);
+    # Tiny ImageNet only has val.
+    return "val" if dataset == "tiny-imagenet" else "test"
+
+
+def main(args) -> int:
+    from ..data import build_dataset
+    from ..data.loader import build_loader
+    from .checkpoint import load_model
+    from .train import _limit, dataset_options
+
+    missing = [f"--{k}" for k in ("dataset", "data", "checkpoint", "out") if not getattr(args, k, None)]
+    if missing:
+        raise SystemExit(f"dbc-fast eval: missing required option(s) {', '.join(missing)}")
+    device = dist_utils.setup(args.device)
+    model, config = load_model(args.checkpoint, device=device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    split = default_split(args.dataset) if args.split == "auto" else args.split
+    dataset = _limit(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
+                                   missing_images=args.missing_images, **dataset_options(args)),
+                     args.limit_images)
+    if dataset.num_classes != config["num_classes"]:
+        raise SystemExit(f"{args.data} has {dataset.num_classes} classes but {args.checkpoint} was trained "
+                         f"for {config['num_classes']}")
+    loader = build_loader(dataset, args.batch_size, train=False, loader=args.loader, device=device,
+                          num_workers=args.num_workers, channels_last=args.channels_last)
+    inv = {v: k for k, v in MAP_NAMES.items()}
+    t0 = time.perf_counter()
+    results = evaluate_model(model, loader, device, amp=args.amp, cam_threshold=args.cam_threshold,
+                             map_keys=tuple(inv[m] for m in args.maps), box_eval=not args.no_maxboxacc,
+                             threshold_sweep=_sweep(args.sweep_interval), progress=not args.no_progress)
+    elapsed = time.perf_counter() - t0
+    if dist_utils.is_main():
+        os.makedirs(args.out, exist_ok=True)
+        report = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "data": args.data,
+                  "split": split, "images": len(dataset), "img_size": args.img_size,
+                  "arch": config["arch"], "method": config["method"], "metrics": results,
+                  "time_s": elapsed}
+        path = os.path.join(args.out, "metrics.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
+        print(f"{config['arch']}/{config['method']} on {args.dataset} {split} ({len(dataset)} images):")
+        for line in format_results(results):
+            print(line)
+        print(f"wrote {path}")
+    dist_utils.cleanup()
+    return 0

@@ -1,0 +1,154 @@
+"""`dbc-fast predict`: class, score and box for each image, from a checkpoint.
+
+Each image is resized to S x S (S = --img-size, default: the checkpoint's), normalised, and run through the
+model. The map (M) is resized to the ORIGINAL image size, min-max normalised and thresholded at
+--cam-threshold; the box is the bounding box of the largest connected region (dbc_fast.metrics
+.extract_boxes), in original image pixels [x0, y0, x1, y1] (inclusive). Writes OUT/predictions.json; with
+--draw also OUT/<image name>.png: the map as a heat-map overlay with the box and the class drawn.
+An image that cannot be read stops the run with its file named.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="dbc_fast checkpoint (required)")
+    p.add_argument("--images", nargs="+", help="image files and/or folders of images (required)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the checkpoint's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default cuda if available, else cpu)")
+    p.add_argument("--out", help="output folder (required)")
+    p.add_argument("--cam-threshold", type=float, default=0.2, help="map threshold for the box (default 0.2)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--topk", type=int, default=5, help="also list the top-k classes (default 5)")
+    p.add_argument("--draw", action="store_true", help="write a PNG per image with the map and box drawn")
+
+
+def list_images(inputs) -> list[str]:
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(root, f) for root, _, names in os.walk(item) for f in names
+                           if f.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {item}")
+            files.extend(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise SystemExit(f"--images: {item} is neither a file nor a folder")
+    return files
+
+
+def _load(path: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise SystemExit(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def _to_tensor(image, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    from ..data import IMAGENET_MEAN, IMAGENET_STD
+
+    arr = np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (t - mean) / std
+
+
+def map_to_original(m: torch.Tensor, w: int, h: int) -> np.ndarray:
+    """A low-resolution map [h', w'] -> [h, w] (bicubic, as wsolevaluation), min-max normalised to [0, 1]."""
+    import cv2
+
+    up = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_CUBIC)
+    lo, hi = float(up.min()), float(up.max())
+    return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+
+
+def draw(image, heat: np.ndarray, box, label: str, path: str) -> None:
+    import cv2
+
+    rgb = np.asarray(image, dtype=np.uint8)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]  # BGR -> RGB
+    over = (0.5 * rgb + 0.5 * colour).astype(np.uint8).copy()
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    thick = max(1, min(rgb.shape[:2]) // 150)
+    cv2.rectangle(over, (x0, y0), (x1, y1), (0, 255, 0), thick)
+    scale = max(0.35, min(rgb.shape[:2]) / 600)
+    cv2.putText(over, label, (max(0, x0) + 2, max(12, y0 + int(14 * scale * 2))), cv2.FONT_HERSHEY_SIMPLEX,
+                scale, (255, 255, 255), max(1, thick), cv2.LINE_AA)
+    from PIL import Image
+
+    Image.fromarray(over).save(path)
+
+
+@torch.no_grad()
+def main(args) -> int:
+    from ..metrics import extract_boxes
+    from .checkpoint import load_model
+
+    missing = [f"--{k}" for k in ("checkpoint", "images", "out") if not getattr(args, k, None)]
+    if missing:
+        raise SystemExit(f"dbc-fast predict: missing required option(s) {', '.join(missing)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch sees no CUDA device (use --device cpu)")
+    model, config = load_model(args.checkpoint, device=device)
+    size = args.img_size or config["img_size"]
+    if size % 32:
+        raise SystemExit(f"--img-size must be a multiple of 32, got {size}")
+    names = config.get("class_names") or [str(i) for i in range(config["num_classes"])]
+    files = list_images(args.images)
+    os.makedirs(args.out, exist_ok=True)
+    predictions = []
+    used_names: dict = {}
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        images = [_load(f) for f in chunk]
+        batch = torch.stack([_to_tensor(im, size) for im in images]).to(device)
+        out = model(batch)
+        probs = out["logits"].float().softmax(dim=1).cpu()
+        maps = out["map"].float().cpu()
+        k = min(args.topk, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=1)
+        for j, (path, image) in enumerate(zip(chunk, images)):
+            w, h = image.size
+            heat = map_to_original(maps[j], w, h)
+            box = [float(v) for v in np.asarray(extract_boxes(heat, args.cam_threshold)).reshape(-1, 4)[0]]
+            cls = int(top_i[j, 0])
+            record = {"file": path, "class_index": cls, "class_name": names[cls], "score": float(top_p[j, 0]),
+                      "box": box, "image_size": [w, h],
+                      "topk": [{"class_index": int(c), "class_name": names[int(c)], "score": float(p)}
+                               for p, c in zip(top_p[j], top_i[j])]}
+            if args.draw:
+                stem = os.path.splitext(os.path.basename(path))[0]
+                count = used_names.get(stem, 0)
+                used_names[stem] = count + 1
+                png = os.path.join(args.out, f"{stem}.png" if count == 0 else f"{stem}_{count}.png")
+                draw(image, heat, box, f"{names[cls]} {top_p[j, 0]:.2f}", png)
+                record["drawing"] = png
+            predictions.append(record)
+    path = os.path.join(args.out, "predictions.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"checkpoint": os.path.abspath(args.checkpoint), "img_size": size,
+                   "cam_threshold": args.cam_threshold, "predictions": predictions}, f, indent=2)
+    os.replace(path + ".tmp", path)
+    for p in predictions:
+        print(f"{p['file']}: {p['class_name']} ({p['score']:.3f}) box {[round(v, 1) for v in p['box']]}")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0

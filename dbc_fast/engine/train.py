@@ -1,0 +1,501 @@
+"""`dbc-fast train`: fine-tune a DBC (or baseline) Conformer for WSOL, validating every epoch.
+
+A plain loop in the style of the torchvision reference scripts. Settings default to the paper's (4.1):
+AdamW (eps 1e-8, betas 0.9/0.99, weight decay 5e-4), per-iteration LR schedule with optional warm-up.
+Files in --out (RUN_DIR), written by rank 0 only:
+  last.pt        after every epoch (and every --save-every-steps steps inside an epoch)
+  best.pt        the epoch with the best validation Top-1 Loc (of the final map M)
+  metrics.jsonl  one JSON line per epoch (train losses, LR, images/s, skipped images, validation metrics)
+  config.json    the resolved options of the run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_lib
+from . import distributed as dist_utils
+
+DATASETS = ("cub", "ilsvrc", "tiny-imagenet", "folder")
+ARCHS = ("conformer_tiny_patch16", "conformer_small_patch16", "conformer_small_patch32", "conformer_base_patch16")
+METHODS = ("dbc", "cls", "cam", "tscam")
+LOSS_KEYS = ("loss", "loss_cla", "loss_neg", "loss_pos")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, help="dataset layout (required)")
+    g.add_argument("--data", help="dataset folder or .tar/.tar.gz archive (required)")
+    g.add_argument("--metadata", default=None,
+                   help="wsolevaluation metadata folder or archive (cub: train/val(CUBV2)/test; ilsvrc: val/test)")
+    g.add_argument("--class-list", default=None, help="class order file (ilsvrc, folder)")
+    g.add_argument("--boxes", default=None,
+                   help="boxes file/folder (ilsvrc val: LOC_val_solution.csv or XML folder; folder: CSV or XML)")
+    g.add_argument("--img-size", type=int, default=224, help="square input size S, a multiple of 32 (default 224)")
+    g.add_argument("--num-workers", type=int, default=4, help="data loading worker processes (default 4)")
+    g.add_argument("--loader", choices=("torch", "dali", "auto"), default="torch",
+                   help="data loader: torch DataLoader + PIL, or NVIDIA DALI (default torch)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default cuda if available, else cpu)")
+    g.add_argument("--amp", choices=("bf16", "none"), default="none",
+                   help="bf16 autocast for forward passes (default none)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and images")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default="conformer_tiny_patch16", help="backbone (default conformer_tiny_patch16)")
+    g.add_argument("--method", choices=METHODS, default="dbc", help="WSOL method (default dbc)")
+    g.add_argument("--pretrained", default=None, help="official Conformer ImageNet checkpoint to start from")
+    g.add_argument("--fstar-block", type=int, default=11, help="CNN block whose feature map is F* (default 11)")
+    g.add_argument("--mc-kernel-size", type=int, default=3, help="kernel size of the M_c convolution (default 3)")
+    g.add_argument("--norm", default="minmax", help="map normalisation (default minmax)")
+    g.add_argument("--lambda-pos", type=float, default=1.0, help="weight of L_pos (default 1.0)")
+    g.add_argument("--lambda-neg", type=float, default=0.1, help="weight of L_neg (default 0.1)")
+    g.add_argument("--negatives", choices=("cross", "within"), default="cross",
+                   help="negative pairs of L_neg: all n x n pairs of the batch, or within-image only (default cross)")
+    g.add_argument("--cls-loss", choices=("prob_mean", "ce_mean"), default="prob_mean",
+                   help="L_cla: CE of the mean of both branches' probabilities (Eq. 3), or mean of two CEs")
+    g.add_argument("--ops-backend", choices=("auto", "eager", "triton", "cpp"), default="auto",
+                   help="implementation of the DBC head ops (default auto)")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default 0.1)")
+
+
+def model_options(args) -> dict:
+    return dict(fstar_block=args.fstar_block, mc_kernel_size=args.mc_kernel_size, norm=args.norm,
+                lambda_pos=args.lambda_pos, lambda_neg=args.lambda_neg, negatives=args.negatives,
+                cls_loss=args.cls_loss, ops_backend=args.ops_backend, drop_path_rate=args.drop_path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_arguments(p)
+    g = p.add_argument_group("splits")
+    g.add_argument("--val-split", choices=("auto", "val", "test", "none"), default="auto",
+                   help="split for per-epoch validation and best-checkpoint selection; auto = val where the "
+                        "dataset has one, else test with a warning (default auto)")
+    g.add_argument("--select-on-test", action="store_true",
+                   help="select the best checkpoint on the test split on purpose (no warning)")
+    g.add_argument("--limit-train-images", type=int, default=None, help="use only the first N training images")
+    g.add_argument("--limit-val-images", type=int, default=None, help="validate on the first N images only")
+    g.add_argument("--max-skipped-fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of training images are unreadable (default 0.01)")
+    add_model_arguments(p)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=64, help="images per optimizer step per process (default 64)")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="validation batch size (default: --batch-size)")
+    g.add_argument("--epochs", type=int, default=60, help="epochs (default 60)")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4, the paper's CUB value)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="final LR of the cosine schedule (default 1e-6)")
+    g.add_argument("--sched", choices=("cosine", "step", "const"), default="cosine",
+                   help="LR schedule after warm-up, updated every iteration (default cosine)")
+    g.add_argument("--decay-epochs", type=float, default=30, help="step schedule: epochs between decays (default 30)")
+    g.add_argument("--decay-rate", type=float, default=0.1, help="step schedule: LR factor per decay (default 0.1)")
+    g.add_argument("--warmup-epochs", type=float, default=0, help="linear warm-up epochs (default 0)")
+    g.add_argument("--warmup-lr", type=float, default=1e-6, help="LR at the start of warm-up (default 1e-6)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (default 5e-4)")
+    g.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW eps (default 1e-8)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="AdamW betas (default 0.9 0.99)")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value (default off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and augmentation (default 0)")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap the optimizer steps of each epoch")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run directory for checkpoints and logs (required)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="FILE",
+                   help="resume from FILE, or (no value) from RUN_DIR/last.pt if it exists")
+    g.add_argument("--save-every-steps", type=int, default=0,
+                   help="also write last.pt every N steps inside an epoch (0 = only at epoch ends)")
+    g.add_argument("--cam-threshold", type=float, default=0.2,
+                   help="map threshold for boxes in validation Top-1/GT-known Loc (default 0.2)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--ddp-find-unused", action="store_true",
+                   help="DistributedDataParallel(find_unused_parameters=True), for methods with unused parameters")
+    # Test hook: hard-exit (as if killed) right after this many optimizer steps and the checkpoint they write.
+    g.add_argument("--debug-kill-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+
+
+REQUIRED = ("dataset", "data", "out")
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _say(msg: str) -> None:
+    if dist_utils.is_main():
+        print(msg, flush=True)
+
+
+def _warn(msg: str) -> None:
+    if dist_utils.is_main():
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def _limit(dataset, n):
+    """The first `n` samples of `dataset` (keeps samples/class_names/num_classes visible)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise ValueError(f"limit must be >= 1, got {n}")
+    return _Subset(dataset, n)
+
+
+class _Subset(torch.utils.data.Dataset):
+    def __init__(self, dataset, n):
+        self.dataset = dataset
+        self.samples = dataset.samples[:n]
+        self.img_size = getattr(dataset, "img_size", 0)
+        self.class_names = dataset.class_names
+        self.num_classes = dataset.num_classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def validation_split(args):
+    """(split name or None, note) for per-epoch validation; see the README for the convention."""
+    if args.select_on_test:
+        return "test", None
+    if args.val_split == "none":
+        return None, None
+    if args.val_split in ("val", "test"):
+        return args.val_split, None
+    if args.dataset == "tiny-imagenet":
+        return "val", None  # Tiny ImageNet has train/val only: validate on val (its only held-out split)
+    return "val", "fallback"  # cub / ilsvrc / folder: val if the data has one, else test (warned)
+
+
+def dataset_options(args) -> dict:
+    return dict(metadata=args.metadata, class_list=args.class_list, boxes=args.boxes)
+
+
+def build_datasets(args):
+    from ..data import build_dataset
+
+    train_set = _limit(build_dataset(args.dataset, args.data, "train", img_size=args.img_size, train=True,
+                                     on_corrupt="skip", **dataset_options(args)),
+                       args.limit_train_images)
+    split, mode = validation_split(args)
+    val_set = None
+    if split is not None:
+        try:
+            val_set = build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
+                                    **dataset_options(args))
+        except (ValueError, FileNotFoundError) as e:
+            if mode != "fallback":
+                raise
+            _warn(f"no validation split for {args.dataset} at {args.data} ({e}); selecting the best checkpoint "
+                  f"on the TEST split instead. Give the wsolevaluation metadata (CUBV2 / ImageNetV2) for a "
+                  f"clean validation split, or pass --select-on-test to acknowledge this.")
+            split = "test"
+            val_set = build_dataset(args.dataset, args.data, "test", img_size=args.img_size, train=False,
+                                    **dataset_options(args))
+        val_set = _limit(val_set, args.limit_val_images)
+    return train_set, val_set, split
+
+
+def build_optimizer(model, args):
+    from timm.optim import create_optimizer_v2
+
+    # timm leaves biases and norm weights (1-d parameters) out of weight decay.
+    return create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=args.weight_decay,
+                               eps=args.opt_eps, betas=tuple(args.betas))
+
+
+def build_scheduler(optimizer, args, steps_per_epoch: int):
+    """A timm scheduler stepped per iteration (`step_update(global_step)`)."""
+    from timm.scheduler import CosineLRScheduler, StepLRScheduler
+
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    common = dict(warmup_t=warmup, warmup_lr_init=args.warmup_lr, t_in_epochs=False)
+    if args.sched == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=total, lr_min=args.min_lr, **common)
+    decay = max(1, int(round(args.decay_epochs * steps_per_epoch)))
+    rate = 1.0 if args.sched == "const" else args.decay_rate
+    return StepLRScheduler(optimizer, decay_t=decay, decay_rate=rate, **common)
+
+
+def _autocast(device: torch.device, amp: str):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def _unwrap(model):
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+class _JsonlLog:
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: metrics.jsonl only
+        return None
+    return SummaryWriter(os.path.join(out, "tb"))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def train(args) -> int:
+    import dbc_fast
+    from ..data import SkippedImages
+    from ..data.loader import build_loader
+    from .evaluate import evaluate_model, headline
+
+    missing = [f"--{k.replace('_', '-')}" for k in REQUIRED if getattr(args, k, None) in (None, "")]
+    if missing:
+        raise SystemExit(f"dbc-fast train: missing required option(s) {', '.join(missing)}")
+    if args.img_size % 32:
+        raise SystemExit(f"--img-size must be a multiple of 32, got {args.img_size}")
+    device = dist_utils.setup(args.device)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    main = rank == 0
+    out = args.out
+    if main:
+        os.makedirs(out, exist_ok=True)
+
+    resume_path = None
+    if args.resume == "auto":
+        candidate = os.path.join(out, "last.pt")
+        if os.path.isfile(candidate):
+            resume_path = candidate
+        else:
+            _say(f"--resume: no {candidate} yet, starting a new run")
+    elif args.resume:
+        resume_path = args.resume
+    state = ckpt_lib.load_checkpoint(resume_path) if resume_path else None
+
+    seed_everything(args.seed + rank)  # each rank its own drop-path stream; data is seeded separately
+    train_set, val_set, val_split = build_datasets(args)
+    loader = build_loader(train_set, args.batch_size, train=True, loader=args.loader, device=device,
+                          num_workers=args.num_workers, seed=args.seed, channels_last=args.channels_last)
+    val_loader = None
+    if val_set is not None:
+        val_loader = build_loader(val_set, args.eval_batch_size or args.batch_size, train=False,
+                                  loader=args.loader, device=device, num_workers=args.num_workers,
+                                  seed=args.seed, channels_last=args.channels_last)
+    steps_per_epoch = len(loader)
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"not one full batch of {args.batch_size} per process in {len(train_set)} training "
+                         f"images over {world} process(es): lower --batch-size")
+
+    options = model_options(args)
+    model = dbc_fast.create_model(args.arch, train_set.num_classes, method=args.method,
+                                  pretrained=None if state else args.pretrained, **options)
+    config = ckpt_lib.model_config(model, args.img_size, train_set.class_names, args.dataset,
+                                   data=args.data, val_split=val_split)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+
+    start_epoch, start_step, global_step = 0, 0, 0
+    best = {"top1_loc": -1.0, "epoch": None}
+    resumed_meters = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, start_step = state["epoch"], state.get("step", 0)
+        global_step = state.get("global_step", 0)
+        best = state.get("best_metric") or best
+        resumed_meters = state.get("meters")
+        rngs = state.get("rng") or []
+        if len(rngs) == world:
+            ckpt_lib.set_rng_state(rngs[rank])
+        else:
+            _warn(f"checkpoint has RNG states of {len(rngs)} process(es), this run has {world}: "
+                  "drop-path randomness is re-seeded (data order and augmentation are unaffected)")
+        old = state.get("train_args", {})
+        for key in ("batch_size", "epochs", "lr", "sched", "seed", "max_steps_per_epoch", "limit_train_images"):
+            if key in old and old[key] != getattr(args, key):
+                _warn(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} but the checkpoint "
+                      f"was trained with {old[key]}: the run will not match an uninterrupted one")
+        _say(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
+    if start_epoch >= args.epochs:
+        _say(f"nothing to do: {args.epochs} epoch(s) already done")
+        dist_utils.cleanup()
+        return 0
+
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=args.ddp_find_unused)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    log = _JsonlLog(os.path.join(out, "metrics.jsonl")) if main else None
+    tb = _tensorboard(out) if main else None
+    if main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "config": config, "world_size": world}, f, indent=2, default=str)
+        _say(f"training {args.arch}/{args.method} on {len(train_set)} {args.dataset} images "
+             f"({steps_per_epoch} steps/epoch x {args.epochs} epochs, {world} process(es), device {device}); "
+             f"validation: {val_split or 'none'} ({len(val_set) if val_set is not None else 0} images)")
+
+    def save(path, epoch, step, meters):
+        rngs = dist_utils.all_gather_objects(ckpt_lib.rng_state())  # every rank's stream (collective)
+        if main:
+            ckpt_lib.save_atomic({
+                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "global_step": global_step,
+                "rng": rngs, "best_metric": best, "config": config, "train_args": vars(args), "meters": meters,
+            }, path)
+
+    def maybe_kill():
+        if args.debug_kill_after_steps is not None and global_step >= args.debug_kill_after_steps:
+            dist_utils.barrier()
+            os._exit(137)
+
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, args.epochs):
+        first_step = start_step if epoch == start_epoch else 0
+        loader.set_epoch(epoch, first_step)
+        train_model.train()
+        meters = resumed_meters if (epoch == start_epoch and first_step and resumed_meters) else \
+            {"sums": [0.0] * len(LOSS_KEYS), "images": 0, "skipped": {}}
+        tracker = SkippedImages(len(train_set), max_fraction=args.max_skipped_fraction)
+        tracker.paths.update(meters["skipped"])
+        meters["skipped"] = tracker.paths
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   unit="step", disable=not main or args.no_progress, dynamic_ncols=True, file=sys.stderr)
+        t0, seen = time.perf_counter(), 0
+        step = first_step
+        for batch in loader:
+            if step >= steps_per_epoch:
+                break
+            tracker.update(batch)  # warns per unreadable image; too many stop the run
+            if len(batch["image"]) == 0:  # every image of this batch was unreadable
+                step += 1
+                continue
+            scheduler.step_update(num_updates=global_step)
+            images, labels = batch["image"], batch["label"]
+            with _autocast(device, args.amp):
+                outputs = train_model(images, labels=labels)
+            parts = torch.stack([outputs[k].detach().float().reshape(()) for k in LOSS_KEYS])
+            n_images = torch.tensor([float(images.shape[0])], device=parts.device)
+            reduced = dist_utils.all_reduce_sum(torch.cat([parts * n_images, n_images]))
+            values = reduced.tolist()  # one sync per step: the check must happen before the update
+            batch_images = values[-1]
+            losses = [v / batch_images for v in values[:-1]]
+            if not all(math.isfinite(v) for v in losses):
+                detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, losses))
+                raise NonFiniteLoss(
+                    f"non-finite loss at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}): "
+                    f"{detail}. Stopped without updating the weights; the last good checkpoint "
+                    f"{os.path.join(out, 'last.pt')} is intact. Lower --lr or try --clip-grad / --amp none.")
+            optimizer.zero_grad(set_to_none=True)
+            outputs["loss"].backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            global_step += 1
+            step += 1
+            meters["sums"] = [s + v * batch_images for s, v in zip(meters["sums"], losses)]
+            meters["images"] += int(batch_images)
+            seen += int(batch_images)
+            if main:
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{losses[0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{rate:.1f}")
+                bar.update(1)
+            if args.save_every_steps and step % args.save_every_steps == 0 and step < steps_per_epoch:
+                save(os.path.join(out, "last.pt"), epoch, step, meters)
+            maybe_kill()
+        bar.close()
+        train_time = time.perf_counter() - t0
+
+        skipped = sorted({p: r for part in dist_utils.all_gather_objects(tracker.paths) for p, r in part.items()}.items())
+        if skipped:
+            _warn(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable training image(s), e.g. "
+                  + "; ".join(f"{p} ({r})" for p, r in skipped[:3]))
+        record = {"epoch": epoch + 1, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"],
+                  "train": {k: s / max(1, meters["images"]) for k, s in zip(LOSS_KEYS, meters["sums"])},
+                  "train_images": meters["images"], "skipped_images": len(skipped),
+                  "skipped_files": [p for p, _ in skipped[:100]],
+                  "images_per_s": seen / max(train_time, 1e-9), "train_time_s": train_time}
+        is_best = False
+        if val_loader is not None:
+            t1 = time.perf_counter()
+            results = evaluate_model(_unwrap(model), val_loader, device, amp=args.amp,
+                                     cam_threshold=args.cam_threshold, map_keys=("map",), box_eval=False,
+                                     threshold_sweep=False, progress=False)
+            record["val"] = results.get("M", {})
+            record["val_split"] = val_split
+            record["val_time_s"] = time.perf_counter() - t1
+            top1 = record["val"]["top1_loc"]
+            if top1 > best["top1_loc"]:
+                best = {"top1_loc": top1, "epoch": epoch + 1}
+                is_best = True
+            _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}, {val_split} "
+                 + headline(record["val"], "M") + f" (best Top-1 Loc {best['top1_loc']:.2f} at epoch {best['epoch']})")
+        else:
+            is_best = True  # no validation: the latest epoch is the one kept as best.pt
+            _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}")
+        record["best"] = best
+        save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
+        if main:
+            if is_best:
+                import shutil
+                tmp = os.path.join(out, "best.pt.tmp")
+                shutil.copyfile(os.path.join(out, "last.pt"), tmp)
+                os.replace(tmp, os.path.join(out, "best.pt"))
+            log.write(record)
+            if tb is not None:
+                for k, v in record["train"].items():
+                    tb.add_scalar(f"train/{k}", v, epoch + 1)
+                for k, v in record.get("val", {}).items():
+                    if isinstance(v, (int, float)):
+                        tb.add_scalar(f"val/{k}", v, epoch + 1)
+                tb.add_scalar("lr", record["lr"], epoch + 1)
+                tb.flush()
+        maybe_kill()
+    if tb is not None:
+        tb.close()
+    _say(f"done: {out}/last.pt, {out}/best.pt (best validation Top-1 Loc {best['top1_loc']:.2f} "
+         f"at epoch {best['epoch']})" if val_loader is not None else f"done: {out}/last.pt")
+    dist_utils.cleanup()
+    return 0
+
+
+def main(args) -> int:
+    try:
+        return train(args)
+    except NonFiniteLoss as e:
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        return 3
