@@ -17,6 +17,7 @@ and truncated to integers as wsolevaluation's resize_bbox does.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Sequence
@@ -160,12 +161,21 @@ def default_threads() -> int:
     return max(1, int(env)) if env else max(1, min(8, os.cpu_count() or 1))
 
 
-def _map_images(fn, items: list, num_threads: int) -> list:
-    """fn over items, in order; threads only when there is more than one image (results are the same)."""
-    if num_threads <= 1 or len(items) <= 1:
-        return [fn(it) for it in items]
-    with ThreadPoolExecutor(min(num_threads, len(items))) as pool:
-        return list(pool.map(fn, items))
+def _map_images(fn, items: Iterable, num_threads: int, chunk: int = 256) -> list:
+    """fn over items, in order, `chunk` prepared maps at a time (so a whole evaluation set passed at once
+    does not hold every resized map in memory); threads only help with more than one image."""
+    results: list = []
+    items = iter(items)
+    pool = ThreadPoolExecutor(num_threads) if num_threads > 1 else None
+    try:
+        while True:
+            block = list(itertools.islice(items, chunk))
+            if not block:
+                return results
+            results.extend(pool.map(fn, block) if pool is not None and len(block) > 1 else map(fn, block))
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def _best_iou_per_threshold(boxes_per_threshold: list, gt: np.ndarray) -> np.ndarray:
@@ -206,7 +216,7 @@ class BoxEvaluator:
             prepared, gt = item
             return _best_iou_per_threshold(_boxes_at_thresholds(prepared, self.cam_thresholds, self.multi_contour), gt)
 
-        for best in _map_images(best_ious, list(_iter_maps(maps, gt_boxes, size)), self.num_threads):
+        for best in _map_images(best_ious, _iter_maps(maps, gt_boxes, size), self.num_threads):
             for t in self.iou_thresholds:
                 self.num_correct[t] += best >= (t / 100)
             self.count += 1
@@ -291,7 +301,7 @@ class LocalizationEvaluator:
             prepared, gt = item
             return _best_iou_per_threshold(_boxes_at_thresholds(prepared, self.thresholds, self.multi_contour), gt)
 
-        results = _map_images(best_ious, list(_iter_maps(maps, gt_boxes, size)), self.num_threads)
+        results = _map_images(best_ious, _iter_maps(maps, gt_boxes, size), self.num_threads)
         for i, best in enumerate(results):
             ok = best >= (self.iou_threshold / 100)
             self.gt_known += ok

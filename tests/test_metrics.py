@@ -330,3 +330,14 @@ def test_evaluator_input_errors():
         ev.accumulate(np.random.rand(2, 14, 14), [np.array([[1, 1, 2, 2]])])
     with pytest.raises(ValueError, match="before any accumulate"):
         metrics.BoxEvaluator().compute()
+
+
+def test_threads_do_not_change_results(ilsvrc_boxes):
+    data = ilsvrc_boxes[:40]
+    maps = synthetic_maps(data, seed=11)
+    results = []
+    for threads in (1, 3):
+        ev = metrics.BoxEvaluator(cam_curve_interval=0.05, num_threads=threads)
+        ev.accumulate(maps, our_eval_boxes(data), image_size=RESIZE)
+        results.append(ev.compute())
+    assert results[0] == results[1]
