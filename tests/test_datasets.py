@@ -179,6 +179,17 @@ def test_ilsvrc_val_xml_and_csv_layouts(ilsvrc_official, tmp_path):
         got = {Path(s.path).name: (s.label, s.boxes.tolist()) for s in ds.samples}
         assert got == expected
     assert all(s.size is not None for s in from_xml.samples) and all(s.size is None for s in from_csv.samples)
+    # images in val/<wnid>/ class folders (PyTorch's ImageNet example layout) are found too
+    folders = tmp_path / "folders"
+    for s in samples:
+        wnid = from_xml.class_names[s.label]
+        (folders / "val" / wnid).mkdir(parents=True, exist_ok=True)
+        os.symlink(s.path, folders / "val" / wnid / Path(s.path).name)
+    shutil.copy(kaggle / "LOC_val_solution.csv", folders)
+    shutil.copy(kaggle / "LOC_synset_mapping.txt", folders)
+    in_folders = build_dataset("ilsvrc", folders, "val")
+    assert {Path(s.path).name: (s.label, s.boxes.tolist()) for s in in_folders.samples} == expected
+    assert all(Path(s.path).parent.name == in_folders.class_names[s.label] for s in in_folders.samples)
     # no class order anywhere -> clear error
     bare = tmp_path / "bare"
     shutil.copytree(xml_root / "val", bare / "val", symlinks=True)

@@ -420,7 +420,7 @@ def read_ilsvrc_val_xml(val_dir: Path, xml_dir: Path, names: list[str]) -> ReadR
         xml_path = xml_dir / xml_name
         _, size, objects = _voc_objects(xml_path)
         label, boxes = _label_and_boxes(objects, index, xml_path, result, size)
-        image = _find_image(val_dir, Path(xml_name).stem, xml_path)
+        image = _find_val_image(val_dir, Path(xml_name).stem, names[label], xml_path)
         result.samples.append(Sample(str(image), label, boxes, size))
         result.origins.append((str(xml_path), None))
     return require_samples(result, "ILSVRC val (XML annotations)", xml_dir)
@@ -431,6 +431,19 @@ def _find_image(folder: Path, stem: str, origin: Path, line: int | None = None) 
         if (folder / (stem + ext)).is_file():
             return folder / (stem + ext)
     raise DatasetError(f"no image file for {stem!r} in {folder}", origin, line)
+
+
+def _find_val_image(val_dir: Path, stem: str, wnid: str, origin: Path, line: int | None = None) -> Path:
+    """val/<stem>.JPEG, or val/<wnid>/<stem>.JPEG (the class-folder layout of PyTorch's ImageNet example)."""
+    if (val_dir / wnid).is_dir():
+        try:
+            return _find_image(val_dir / wnid, stem, origin, line)
+        except DatasetError:
+            pass
+    try:
+        return _find_image(val_dir, stem, origin, line)
+    except DatasetError:
+        raise DatasetError(f"no image file for {stem!r} in {val_dir} or {val_dir / wnid}", origin, line) from None
 
 
 def read_ilsvrc_val_csv(val_dir: Path, csv_path: Path, names: list[str]) -> ReadResult:
@@ -451,7 +464,7 @@ def read_ilsvrc_val_csv(val_dir: Path, csv_path: Path, names: list[str]) -> Read
         if name not in index:
             raise DatasetError(f"class {name!r} is not in the class list", csv_path, line)
         boxes = [check_box(b, None, csv_path, line, result.clipped) for n, b in objects if n == name]
-        image = _find_image(val_dir, image_id, csv_path, line)
+        image = _find_val_image(val_dir, image_id, name, csv_path, line)
         result.samples.append(Sample(str(image), index[name], _boxes_array(boxes), None))
         result.origins.append((str(csv_path), line))
     return require_samples(result, "ILSVRC val (LOC_val_solution.csv)", csv_path)
