@@ -377,3 +377,28 @@ def test_image_folder_dataset_labels_by_subfolder(tmp_path, shared_data):
     assert [(s.path.split("/")[-2:], s.label) for s in ds.samples] == [
         (["class0", "a.jpg"], 0), (["class1", "a.jpg"], 1), ([tmp_path.name, "top.jpg"], 0)]
     assert image_folder_dataset(tmp_path, 64, max_images=1).samples == ds.samples[:1]
+
+
+# -------------------------------------------------------------------------------- predict --loader dali
+@needs_dali
+def test_predict_with_dali_matches_torch(shared_data, tmp_path):
+    """`dbc-fast predict --loader dali` gives the torch path's predictions (a random tiny model)."""
+    import dbc_fast
+    from dbc_fast.cli import main
+    from dbc_fast.engine.checkpoint import model_config, save_atomic
+
+    torch.manual_seed(0)
+    model = dbc_fast.create_model("conformer_tiny_patch16", 3, method="cls")
+    ckpt = tmp_path / "model.pt"
+    save_atomic({"model": model.state_dict(), "config": model_config(model, 64, ["a", "b", "c"], "test")}, str(ckpt))
+    images = [s.path for s in _build(shared_data, "cub", "test", 2, train=False).samples]
+    results = {}
+    for loader in ("torch", "dali"):
+        out = tmp_path / loader
+        assert main(["predict", "--checkpoint", str(ckpt), "--images", *images, "--out", str(out), "--device", "cpu",
+                     "--loader", loader, "--num-workers", "1"]) == 0
+        results[loader] = json.loads((out / "predictions.json").read_text())["predictions"]
+    for a, b in zip(results["torch"], results["dali"], strict=True):
+        assert a["file"] == b["file"] and a["image_size"] == b["image_size"]
+        assert [t["score"] for t in a["topk"]] == pytest.approx([t["score"] for t in b["topk"]], abs=1e-2)
+        assert len(b["box"]) == 4

@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--topk", type=int, default=5, help="also list the top-k classes (default 5)")
     p.add_argument("--draw", action="store_true", help="write a PNG per image with the map and box drawn")
+    # --- DALI branch (DALI helper) ---
+    p.add_argument("--loader", choices=("torch", "dali", "auto"), default="torch",
+                   help="image decoding + resizing: PIL (torch) or NVIDIA DALI (GPU decode on cuda); auto = DALI "
+                        "on a GPU when it is installed (default torch)")
+    p.add_argument("--num-workers", type=int, default=4, help="DALI CPU threads (default 4)")
 
 
 def list_images(inputs) -> list[str]:
@@ -97,6 +102,36 @@ def draw(image, heat: np.ndarray, box, label: str, path: str) -> None:
     Image.fromarray(over).save(path)
 
 
+def _batches(files, size, names, args, device):
+    """(paths, PIL images or None, original (w, h) sizes, normalised batch on device) per --batch-size files."""
+    from ..data.dali import resolve_loader
+
+    if resolve_loader(getattr(args, "loader", "torch"), device) == "torch":
+        for start in range(0, len(files), args.batch_size):
+            chunk = files[start:start + args.batch_size]
+            images = [_load(f) for f in chunk]
+            batch = torch.stack([_to_tensor(im, size) for im in images]).to(device)
+            yield chunk, images, [im.size for im in images], batch
+        return
+    # --- DALI branch (DALI helper): the same eval transform, decoded/resized by DALI (on the GPU on cuda) ---
+    from ..data import Sample, WSOLDataset
+    from ..data.dali import build_dali_loader
+
+    samples = [Sample(f, 0, np.zeros((0, 4), np.float32), None) for f in files]
+    dataset = WSOLDataset(samples, names, img_size=size, train=False, name="predict")
+    try:
+        loader = build_dali_loader(dataset, args.batch_size, train=False, device=device,
+                                   num_workers=args.num_workers, distributed=False)
+    except ImportError as e:  # DALI not installed: say how to install it
+        raise SystemExit(f"--loader dali: {e}") from e
+    try:
+        for b in loader:
+            images = [_load(f) for f in b["path"]] if args.draw else [None] * len(b["path"])
+            yield b["path"], images, b["orig_size"], b["image"]
+    except RuntimeError as e:  # an unreadable image: the loader's message names it
+        raise SystemExit(str(e)) from e
+
+
 @torch.no_grad()
 def main(args) -> int:
     from ..metrics import extract_boxes
@@ -117,17 +152,14 @@ def main(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     predictions = []
     used_names: dict = {}
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        images = [_load(f) for f in chunk]
-        batch = torch.stack([_to_tensor(im, size) for im in images]).to(device)
+    for chunk, images, sizes, batch in _batches(files, size, names, args, device):
         out = model(batch)
         probs = out["logits"].float().softmax(dim=1).cpu()
         maps = out["map"].float().cpu()
         k = min(args.topk, probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1)
         for j, (path, image) in enumerate(zip(chunk, images)):
-            w, h = image.size
+            w, h = sizes[j]
             heat = map_to_original(maps[j], w, h)
             box = [float(v) for v in np.asarray(extract_boxes(heat, args.cam_threshold)).reshape(-1, 4)[0]]
             cls = int(top_i[j, 0])
