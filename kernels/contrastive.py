@@ -89,6 +89,30 @@ def _cos_rows(a_ptr, sa, b_ptr, sb, offs_m, n, C, BLOCK_M: tl.constexpr, BLOCK_K
     return cos, na, nb
 
 
+@triton.jit
+def _tile_loss(a_ptr, sa, b_ptr, sb, t, n, C, eps, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Tile t of the n x n negative pairs: its share of -mean log(1 - cos).
+    tiles_n = tl.cdiv(n, BLOCK)
+    offs_m = (t // tiles_n) * BLOCK + tl.arange(0, BLOCK)
+    offs_n = (t % tiles_n) * BLOCK + tl.arange(0, BLOCK)
+    cos, na, nb = _cos_tile(a_ptr, sa, b_ptr, sb, offs_m, offs_n, n, C, BLOCK, BLOCK, BLOCK_K, ACC, PREC, UPCAST)
+    cos = tl.minimum(tl.maximum(cos, eps), 1.0 - eps)
+    ok = (offs_m < n)[:, None] & (offs_n < n)[None, :]
+    return tl.sum(tl.sum(tl.where(ok, -tl.log(1.0 - cos), 0.0), axis=1), axis=0) / n / n
+
+
+@triton.jit
+def _diag_loss(a_ptr, sa, b_ptr, sb, t, n, C, eps, positive, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+               ACC: tl.constexpr):
+    # Rows block t of the i = i pairs: share of -mean log(cos) (positive) or -mean log(1 - cos).
+    offs_m = t * BLOCK + tl.arange(0, BLOCK)
+    cos, na, nb = _cos_rows(a_ptr, sa, b_ptr, sb, offs_m, n, C, BLOCK, BLOCK_K, ACC)
+    cos = tl.minimum(tl.maximum(cos, eps), 1.0 - eps)
+    term = tl.where(positive, -tl.log(cos), -tl.log(1.0 - cos))
+    return tl.sum(tl.where(offs_m < n, term, 0.0), axis=0) / n
+
+
 @triton.jit(do_not_specialize=["s_fc", "s_bc", "s_ft", "s_bt"])
 def _losses_fwd_kernel(fc_ptr, bc_ptr, ft_ptr, bt_ptr, s_fc, s_bc, s_ft, s_bt, partial_ptr, n, C, T, eps,
                        CROSS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
@@ -100,26 +124,60 @@ def _losses_fwd_kernel(fc_ptr, bc_ptr, ft_ptr, bt_ptr, s_fc, s_bc, s_ft, s_bt, p
     sa = _pick(branch, s_fc, s_ft, s_fc, s_fc)
     b_ptr = _pick(branch, bc_ptr, bt_ptr, ft_ptr, ft_ptr)
     sb = _pick(branch, s_bc, s_bt, s_ft, s_ft)
-    value = tl.sum(tl.zeros([BLOCK], ACC), axis=0)
     if CROSS:
         is_tile = branch < 2
     else:
         is_tile = branch < 0
     if is_tile:
-        tiles_n = tl.cdiv(n, BLOCK)
-        offs_m = (t // tiles_n) * BLOCK + tl.arange(0, BLOCK)
-        offs_n = (t % tiles_n) * BLOCK + tl.arange(0, BLOCK)
-        cos, na, nb = _cos_tile(a_ptr, sa, b_ptr, sb, offs_m, offs_n, n, C, BLOCK, BLOCK, BLOCK_K, ACC, PREC, UPCAST)
-        cos = tl.minimum(tl.maximum(cos, eps), 1.0 - eps)
-        ok = (offs_m < n)[:, None] & (offs_n < n)[None, :]
-        value = tl.sum(tl.sum(tl.where(ok, -tl.log(1.0 - cos), 0.0), axis=1), axis=0) / n / n
+        value = _tile_loss(a_ptr, sa, b_ptr, sb, t, n, C, eps, BLOCK, BLOCK_K, ACC, PREC, UPCAST)
     else:
-        offs_m = t * BLOCK + tl.arange(0, BLOCK)
-        cos, na, nb = _cos_rows(a_ptr, sa, b_ptr, sb, offs_m, n, C, BLOCK, BLOCK_K, ACC)
-        cos = tl.minimum(tl.maximum(cos, eps), 1.0 - eps)
-        term = tl.where(branch == 2, -tl.log(cos), -tl.log(1.0 - cos))
-        value = tl.sum(tl.where(offs_m < n, term, 0.0), axis=0) / n
+        value = _diag_loss(a_ptr, sa, b_ptr, sb, t, n, C, eps, branch == 2, BLOCK, BLOCK_K, ACC)
     tl.store(partial_ptr + branch * T + t, value)
+
+
+@triton.jit
+def _tile_weights(a_ptr, sa, b_ptr, sb, t, branch, g, w_ptr, r_ptr, norm_ptr, n, C, RT, eps,
+                  BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    tiles_n = tl.cdiv(n, BLOCK)
+    ti = t // tiles_n
+    tj = t % tiles_n
+    offs_m = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tj * BLOCK + tl.arange(0, BLOCK)
+    m_ok = offs_m < n
+    n_ok = offs_n < n
+    cos, na, nb = _cos_tile(a_ptr, sa, b_ptr, sb, offs_m, offs_n, n, C, BLOCK, BLOCK, BLOCK_K, ACC, PREC, UPCAST)
+    ok = m_ok[:, None] & n_ok[None, :] & (cos >= eps) & (cos <= 1.0 - eps)
+    w = tl.where(ok, g / (n * n) / (1.0 - tl.where(ok, cos, 0.5)), 0.0)
+    tl.store(w_ptr + branch * n * n + offs_m[:, None] * n + offs_n[None, :], w, mask=m_ok[:, None] & n_ok[None, :])
+    wc = w * cos
+    tl.store(r_ptr + ((2 * branch) * RT + tj) * n + offs_m, tl.sum(wc, axis=1), mask=m_ok)
+    tl.store(r_ptr + ((2 * branch + 1) * RT + ti) * n + offs_n, tl.sum(wc, axis=0), mask=n_ok)
+    if tj == 0:
+        tl.store(norm_ptr + (2 * branch) * n + offs_m, na, mask=m_ok)
+    if ti == 0:
+        tl.store(norm_ptr + (2 * branch + 1) * n + offs_n, nb, mask=n_ok)
+
+
+@triton.jit
+def _diag_weights(a_ptr, sa, b_ptr, sb, t, branch, g, w_ptr, r_ptr, norm_ptr, wpos_ptr, rpos_ptr, n, C, RT, eps,
+                  BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    offs_m = t * BLOCK + tl.arange(0, BLOCK)
+    m_ok = offs_m < n
+    cos, na, nb = _cos_rows(a_ptr, sa, b_ptr, sb, offs_m, n, C, BLOCK, BLOCK_K, ACC)
+    in_range = m_ok & (cos >= eps) & (cos <= 1.0 - eps)
+    safe = tl.where(in_range, cos, 0.5)  # keeps masked-out rows from dividing by zero
+    if branch == 2:
+        w = tl.where(in_range, -g / n / safe, 0.0)
+        tl.store(wpos_ptr + offs_m, w, mask=m_ok)
+        tl.store(rpos_ptr + offs_m, w * cos, mask=m_ok)
+    else:
+        w = tl.where(in_range, g / n / (1.0 - safe), 0.0)
+        tl.store(w_ptr + branch * n + offs_m, w, mask=m_ok)
+        tl.store(r_ptr + (2 * branch) * RT * n + offs_m, w * cos, mask=m_ok)
+        tl.store(r_ptr + (2 * branch + 1) * RT * n + offs_m, w * cos, mask=m_ok)
+        tl.store(norm_ptr + (2 * branch) * n + offs_m, na, mask=m_ok)
+        tl.store(norm_ptr + (2 * branch + 1) * n + offs_m, nb, mask=m_ok)
 
 
 @triton.jit(do_not_specialize=["s_fc", "s_bc", "s_ft", "s_bt"])
@@ -142,42 +200,11 @@ def _losses_bwd_weights_kernel(fc_ptr, bc_ptr, ft_ptr, bt_ptr, s_fc, s_bc, s_ft,
     else:
         is_tile = branch < 0
     if is_tile:
-        tiles_n = tl.cdiv(n, BLOCK)
-        ti = t // tiles_n
-        tj = t % tiles_n
-        offs_m = ti * BLOCK + tl.arange(0, BLOCK)
-        offs_n = tj * BLOCK + tl.arange(0, BLOCK)
-        m_ok = offs_m < n
-        n_ok = offs_n < n
-        cos, na, nb = _cos_tile(a_ptr, sa, b_ptr, sb, offs_m, offs_n, n, C, BLOCK, BLOCK, BLOCK_K, ACC, PREC, UPCAST)
-        ok = m_ok[:, None] & n_ok[None, :] & (cos >= eps) & (cos <= 1.0 - eps)
-        w = tl.where(ok, g / (n * n) / (1.0 - tl.where(ok, cos, 0.5)), 0.0)
-        tl.store(w_ptr + branch * n * n + offs_m[:, None] * n + offs_n[None, :], w,
-                 mask=m_ok[:, None] & n_ok[None, :])
-        wc = w * cos
-        tl.store(r_ptr + ((2 * branch) * RT + tj) * n + offs_m, tl.sum(wc, axis=1), mask=m_ok)
-        tl.store(r_ptr + ((2 * branch + 1) * RT + ti) * n + offs_n, tl.sum(wc, axis=0), mask=n_ok)
-        if tj == 0:
-            tl.store(norm_ptr + (2 * branch) * n + offs_m, na, mask=m_ok)
-        if ti == 0:
-            tl.store(norm_ptr + (2 * branch + 1) * n + offs_n, nb, mask=n_ok)
+        _tile_weights(a_ptr, sa, b_ptr, sb, t, branch, g, w_ptr, r_ptr, norm_ptr, n, C, RT, eps, BLOCK, BLOCK_K,
+                      ACC, PREC, UPCAST)
     else:
-        offs_m = t * BLOCK + tl.arange(0, BLOCK)
-        m_ok = offs_m < n
-        cos, na, nb = _cos_rows(a_ptr, sa, b_ptr, sb, offs_m, n, C, BLOCK, BLOCK_K, ACC)
-        in_range = m_ok & (cos >= eps) & (cos <= 1.0 - eps)
-        safe = tl.where(in_range, cos, 0.5)  # keeps masked-out rows from dividing by zero
-        if branch == 2:
-            w = tl.where(in_range, -g / n / safe, 0.0)
-            tl.store(wpos_ptr + offs_m, w, mask=m_ok)
-            tl.store(rpos_ptr + offs_m, w * cos, mask=m_ok)
-        else:
-            w = tl.where(in_range, g / n / (1.0 - safe), 0.0)
-            tl.store(w_ptr + branch * n + offs_m, w, mask=m_ok)
-            tl.store(r_ptr + (2 * branch) * RT * n + offs_m, w * cos, mask=m_ok)
-            tl.store(r_ptr + (2 * branch + 1) * RT * n + offs_m, w * cos, mask=m_ok)
-            tl.store(norm_ptr + (2 * branch) * n + offs_m, na, mask=m_ok)
-            tl.store(norm_ptr + (2 * branch + 1) * n + offs_m, nb, mask=m_ok)
+        _diag_weights(a_ptr, sa, b_ptr, sb, t, branch, g, w_ptr, r_ptr, norm_ptr, wpos_ptr, rpos_ptr, n, C, RT,
+                      eps, BLOCK, BLOCK_K, ACC)
 
 
 @triton.jit(do_not_specialize=["s_fc", "s_bc", "s_ft", "s_bt"])
@@ -272,7 +299,7 @@ def _config(dtype, n):
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # fp32/fp64: exact products (no tf32), so the losses match the float64 reference closely.
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    block = 16 if n <= 16 else (32 if n <= 256 else 64)
+    block = 16 if n <= 16 else (32 if n <= 256 or dtype == torch.float64 else 64)
     # The interpreter's tl.dot gives garbage for bf16 operands (Triton 3.9): upcast there; native bf16 on GPUs.
     upcast = _INTERPRET and dtype == torch.bfloat16
     return acc, prec, block, upcast
