@@ -79,6 +79,24 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv):
+    """(subcommand module, parsed args) for argv (without the program name); config files applied."""
+    argv = list(argv)
+    command = argv[0]
+    module = _import(command)
+    parser = build_parser({command: module})
+    sub = parser._subparsers._group_actions[0].choices[command]
+    first = parser.parse_args(argv)
+    if first.config:
+        values = load_config(first.config, sub)
+        for action in sub._actions:  # an option the file gives is no longer required on the command line
+            if action.dest in values:
+                action.required = False
+        sub.set_defaults(**values)
+        return module, parser.parse_args(argv)
+    return module, first
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -87,17 +105,14 @@ def main(argv=None) -> int:
             parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
         parser.print_help()
         return 0 if argv else 2
-    command = argv[0]
-    module = _import(command)
-    parser = build_parser({command: module})
-    sub = parser._subparsers._group_actions[0].choices[command]
-    first = parser.parse_args(argv)
-    if first.config:
-        sub.set_defaults(**load_config(first.config, sub))
-        args = parser.parse_args(argv)
-    else:
-        args = first
-    return int(module.main(args) or 0)
+    module, args = parse(argv)
+    from .data.errors import DatasetError
+
+    try:
+        return int(module.main(args) or 0)
+    except DatasetError as e:  # bad input: the message names the file (and line); no traceback needed
+        print(f"dbc-fast {argv[0]}: error: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

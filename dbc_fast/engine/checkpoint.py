@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 
 import numpy as np
@@ -62,6 +63,19 @@ def save_atomic(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Atomically makes `dst` the same content as `src`: a hard link when the file system allows (no copy;
+    `save_atomic` later replaces `src` by a new file, so `dst` keeps this content), else a copy."""
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -67,17 +67,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda-neg", type=float, default=0.1, help="weight of L_neg (default 0.1)")
     g.add_argument("--negatives", choices=("cross", "within"), default="cross",
                    help="negative pairs of L_neg: all n x n pairs of the batch, or within-image only (default cross)")
-    g.add_argument("--cls-loss", choices=("prob_mean", "ce_mean"), default="prob_mean",
-                   help="L_cla: CE of the mean of both branches' probabilities (Eq. 3), or mean of two CEs")
+    g.add_argument("--cls-loss", choices=("prob_mean", "ce_mean", "logit_sum"), default="prob_mean",
+                   help="L_cla: NLL of the mean of both branches' probabilities (Eq. 3, prob_mean), the mean "
+                        "of the two CEs (ce_mean, official Conformer) or CE of the summed logits (logit_sum, TS-CAM)")
     g.add_argument("--ops-backend", choices=("auto", "eager", "triton", "cpp"), default="auto",
                    help="implementation of the DBC head ops (default auto)")
+    g.add_argument("--map-source", choices=("auto", "sum", "a", "c"), default="auto",
+                   help="dbc/cls map M: M_a + M_c (sum, Eq. 7), M_a (a) or M_c (c); auto = sum for dbc, a for cls")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default 0.1)")
 
 
 def model_options(args) -> dict:
     return dict(fstar_block=args.fstar_block, mc_kernel_size=args.mc_kernel_size, norm=args.norm,
                 lambda_pos=args.lambda_pos, lambda_neg=args.lambda_neg, negatives=args.negatives,
-                cls_loss=args.cls_loss, ops_backend=args.ops_backend, drop_path_rate=args.drop_path)
+                cls_loss=args.cls_loss, map_source=args.map_source, ops_backend=args.ops_backend,
+                drop_path_rate=args.drop_path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -436,7 +440,8 @@ def train(args) -> int:
                 bar.update(1)
             if args.save_every_steps and step % args.save_every_steps == 0 and step < steps_per_epoch:
                 save(os.path.join(out, "last.pt"), epoch, step, meters)
-            maybe_kill()
+            if step < steps_per_epoch:  # the epoch's last step is followed by its end-of-epoch save
+                maybe_kill()
         bar.close()
         train_time = time.perf_counter() - t0
 
@@ -471,10 +476,7 @@ def train(args) -> int:
         save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
         if main:
             if is_best:
-                import shutil
-                tmp = os.path.join(out, "best.pt.tmp")
-                shutil.copyfile(os.path.join(out, "last.pt"), tmp)
-                os.replace(tmp, os.path.join(out, "best.pt"))
+                ckpt_lib.link_or_copy(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
             log.write(record)
             if tb is not None:
                 for k, v in record["train"].items():

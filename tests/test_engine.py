@@ -1,0 +1,192 @@
+"""Training loop: exact resume (also after a kill in the middle of an epoch), NaN loss, bad images.
+
+Real data (tiny-imagenet-mini) at 32x32 with a handful of steps. The exact-resume test trains the real
+Conformer-Ti DBC model; the NaN and bad-image tests exercise the loop's policies with a small stand-in
+model (the loop, not the model, is under test there) to keep the suite fast on 2 CPU cores.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dbc_fast
+from dbc_fast.cli import main as cli_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def common_args(data, out, *extra):
+    return ["train", "--dataset", "tiny-imagenet", "--data", str(data), "--img-size", "32", "--batch-size", "2",
+            "--device", "cpu", "--num-workers", "0", "--ops-backend", "eager", "--no-progress", "--out", str(out),
+            *extra]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_after_kill_mid_epoch_matches_uninterrupted_run(shared_data, tmp_path):
+    data = shared_data / "tiny-imagenet-mini.tar.gz"
+    settings = ["--epochs", "2", "--max-steps-per-epoch", "2", "--limit-val-images", "2", "--seed", "3"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert cli_main(common_args(data, full, *settings)) == 0
+
+    # A second run is killed (hard exit, no clean-up) after its 3rd step = epoch 2, step 1; it writes a
+    # mid-epoch checkpoint every step.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-m", "dbc_fast", *common_args(data, killed, *settings),
+                           "--save-every-steps", "1", "--debug-kill-after-steps", "3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    state = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 1, 3)
+    assert len(read_jsonl(killed / "metrics.jsonl")) == 1  # epoch 1 finished, epoch 2 did not
+
+    assert cli_main(common_args(data, killed, *settings, "--save-every-steps", "1", "--resume")) == 0
+    a = torch.load(full / "last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
+    assert (b["epoch"], b["step"], b["global_step"]) == (2, 0, 4)
+    assert a["model"].keys() == b["model"].keys()
+    different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not different, f"weights differ after resume: {different[:5]}"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert a["scheduler"] == b["scheduler"]
+    la, lb = read_jsonl(full / "metrics.jsonl"), read_jsonl(killed / "metrics.jsonl")
+    assert [r["train"] for r in la] == [r["train"] for r in lb]  # epoch 2's loss includes the step before the kill
+    assert [r["val"] for r in la] == [r["val"] for r in lb]
+    assert [r["lr"] for r in la] == [r["lr"] for r in lb]
+    # nothing half-written is left behind
+    assert sorted(p.name for p in killed.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+
+
+class StandInModel(nn.Module):
+    """The model interface (dict of logits, maps and losses) in a few parameters; loss NaN on demand."""
+
+    def __init__(self, arch, num_classes, method="dbc", nan_at_call=None, **options):
+        super().__init__()
+        self.arch, self.num_classes, self.method = arch, num_classes, method
+        self.options = dict(options)
+        self.conv = nn.Conv2d(3, 8, 3, stride=16, padding=1)
+        self.head = nn.Linear(8, num_classes)
+        self.nan_at_call = nan_at_call
+        self.calls = 0
+
+    def forward(self, images, labels=None, map_classes=None):
+        feat = F.relu(self.conv(images))
+        logits = self.head(feat.mean((2, 3)))
+        m = feat.mean(1)
+        out = {"logits": logits, "map": m, "map_a": m, "map_c": m}
+        if labels is not None:
+            self.calls += 1
+            loss = F.cross_entropy(logits, labels)
+            if self.calls == self.nan_at_call:
+                loss = loss * float("nan")
+            zero = loss.new_zeros(())
+            out.update(loss=loss, loss_cla=loss, loss_neg=zero, loss_pos=zero)
+        return out
+
+
+def use_stand_in(monkeypatch, **kwargs):
+    def create(arch, num_classes, method="dbc", pretrained=None, **options):
+        return StandInModel(arch, num_classes, method, **kwargs, **options)
+
+    monkeypatch.setattr(dbc_fast, "create_model", create, raising=False)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(shared_data, tmp_path, monkeypatch, capsys):
+    use_stand_in(monkeypatch, nan_at_call=3)  # epoch 1 = calls 1-2, NaN at epoch 2 step 1
+    out = tmp_path / "run"
+    rc = cli_main(common_args(shared_data / "tiny-imagenet-mini.tar.gz", out, "--epochs", "3",
+                              "--max-steps-per-epoch", "2", "--val-split", "none"))
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 2, step 1" in err and "loss=nan" in err and "loss_cla=nan" in err
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert len(read_jsonl(out / "metrics.jsonl")) == 1
+
+
+def copy_tiny_imagenet(shared_data, tmp_path):
+    from dbc_fast.data import resolve_root
+
+    src = resolve_root(shared_data / "tiny-imagenet-mini.tar.gz")
+    dst = tmp_path / "tiny"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unreadable_training_image_is_skipped_and_counted(shared_data, tmp_path, monkeypatch, capsys):
+    from dbc_fast.data import build_dataset
+
+    use_stand_in(monkeypatch)
+    data = copy_tiny_imagenet(shared_data, tmp_path)
+    first = build_dataset("tiny-imagenet", data, "train", img_size=32).samples[:4]
+    bad = first[1].path
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 truncated, not a JPEG")
+    out = tmp_path / "run"
+    rc = cli_main(common_args(data, out, "--epochs", "1", "--limit-train-images", "4", "--val-split", "none",
+                              "--max-skipped-fraction", "0.5"))
+    assert rc == 0
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    assert record["skipped_images"] == 1 and record["skipped_files"] == [bad]
+    assert record["train_images"] == 3
+
+    # more unreadable images than --max-skipped-fraction allows stop the run, naming a file
+    rc = cli_main(common_args(data, tmp_path / "run2", "--epochs", "1", "--limit-train-images", "4",
+                              "--val-split", "none", "--max-skipped-fraction", "0.1"))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "1 of 4 images could not be read" in err and bad in err
+
+
+def test_unreadable_evaluation_image_stops_with_its_name(shared_data, tmp_path):
+    from dbc_fast.data import DatasetError, build_dataset
+    from dbc_fast.data.loader import build_loader
+
+    data = copy_tiny_imagenet(shared_data, tmp_path)
+    dataset = build_dataset("tiny-imagenet", data, "val", img_size=32)
+    bad = dataset.samples[2].path
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    loader = build_loader(dataset, 4, train=False, device="cpu", num_workers=0)
+    with pytest.raises(DatasetError, match=os.path.basename(bad)):
+        for _ in loader:
+            pass
+
+
+def test_loader_order_and_augmentation_depend_only_on_seed_and_epoch(shared_data):
+    from dbc_fast.data import build_dataset
+    from dbc_fast.data.loader import build_loader
+
+    dataset = build_dataset("tiny-imagenet", shared_data / "tiny-imagenet-mini.tar.gz", "train", img_size=32,
+                            train=True)
+
+    def epoch_batches(loader, epoch, start=0, n=3):
+        loader.set_epoch(epoch, start)
+        out = []
+        for batch in loader:
+            out.append((batch["index"].tolist(), batch["image"].clone()))
+            if len(out) == n:
+                break
+        return out
+
+    a = build_loader(dataset, 4, train=True, device="cpu", num_workers=0, seed=5)
+    b = build_loader(dataset, 4, train=True, device="cpu", num_workers=2, seed=5)
+    assert len(a) == len(dataset) // 4
+    e1a, e1b = epoch_batches(a, 1), epoch_batches(b, 1)
+    assert [i for i, _ in e1a] == [i for i, _ in e1b]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(e1a, e1b))  # same crops/flips in worker processes
+    resumed = epoch_batches(a, 1, start=1, n=2)  # resuming at batch 1 gives batches 1 and 2
+    assert [i for i, _ in resumed] == [i for i, _ in e1a[1:]]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(resumed, e1a[1:]))
+    assert [i for i, _ in epoch_batches(a, 2)] != [i for i, _ in e1a]  # another epoch, another order
