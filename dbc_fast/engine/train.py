@@ -178,7 +178,13 @@ class _Subset(torch.utils.data.Dataset):
 
 
 def validation_split(args):
-    """(split name or None, note) for per-epoch validation; see the README for the convention."""
+    """(split or None, warning or None) for per-epoch validation and best-checkpoint selection.
+
+    tiny-imagenet: val (its only held-out split). cub / ilsvrc: val = wsolevaluation's CUBV2 / ImageNetV2
+    when --metadata is given; without it the only held-out split is the test split (for ILSVRC the 2012
+    validation images, which the paper reports on), used with a warning unless --select-on-test says so.
+    folder: its val/ subfolder, else test/ (warned), else no validation.
+    """
     if args.select_on_test:
         return "test", None
     if args.val_split == "none":
@@ -186,8 +192,22 @@ def validation_split(args):
     if args.val_split in ("val", "test"):
         return args.val_split, None
     if args.dataset == "tiny-imagenet":
-        return "val", None  # Tiny ImageNet has train/val only: validate on val (its only held-out split)
-    return "val", "fallback"  # cub / ilsvrc / folder: val if the data has one, else test (warned)
+        return "val", None
+    test_warning = (f"no validation split for {args.dataset} at {args.data}: the best checkpoint is selected on "
+                    f"the TEST split, so test figures of best.pt are optimistic. Give --metadata (wsolevaluation: "
+                    f"CUBV2 / ImageNetV2 val) for a clean validation split, or pass --select-on-test to do this "
+                    f"on purpose.")
+    if args.dataset in ("cub", "ilsvrc"):
+        return ("val", None) if args.metadata else ("test", test_warning)
+    from ..data import resolve_root
+
+    root = resolve_root(args.data)
+    if os.path.isdir(os.path.join(root, "val")):
+        return "val", None
+    if os.path.isdir(os.path.join(root, "test")):
+        return "test", test_warning
+    return None, (f"folder dataset {args.data} has no val/ or test/ subfolder: no validation, best.pt is the "
+                  f"last epoch")
 
 
 def dataset_options(args) -> dict:
@@ -200,22 +220,13 @@ def build_datasets(args):
     train_set = _limit(build_dataset(args.dataset, args.data, "train", img_size=args.img_size, train=True,
                                      on_corrupt="skip", **dataset_options(args)),
                        args.limit_train_images)
-    split, mode = validation_split(args)
+    split, warning = validation_split(args)
+    if warning:
+        _warn(warning)
     val_set = None
     if split is not None:
-        try:
-            val_set = build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
-                                    **dataset_options(args))
-        except (ValueError, FileNotFoundError) as e:
-            if mode != "fallback":
-                raise
-            _warn(f"no validation split for {args.dataset} at {args.data} ({e}); selecting the best checkpoint "
-                  f"on the TEST split instead. Give the wsolevaluation metadata (CUBV2 / ImageNetV2) for a "
-                  f"clean validation split, or pass --select-on-test to acknowledge this.")
-            split = "test"
-            val_set = build_dataset(args.dataset, args.data, "test", img_size=args.img_size, train=False,
-                                    **dataset_options(args))
-        val_set = _limit(val_set, args.limit_val_images)
+        val_set = _limit(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
+                                       **dataset_options(args)), args.limit_val_images)
     return train_set, val_set, split
 
 
