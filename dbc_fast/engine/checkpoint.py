@@ -24,6 +24,10 @@ import numpy as np
 import torch
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not a dbc_fast checkpoint (the message names the file)."""
+
+
 def rng_state() -> dict:
     state = {
         "python": random.getstate(),
@@ -80,14 +84,14 @@ def link_or_copy(src: str, dst: str) -> None:
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     try:
         # Our checkpoints hold numpy RNG state and plain python objects besides tensors.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a dbc_fast checkpoint (expected a dict with 'model' and 'config'; "
+        raise CheckpointError(f"{path} is not a dbc_fast checkpoint (expected a dict with 'model' and 'config'; "
                          f"for an official Conformer ImageNet checkpoint use --pretrained)")
     return ckpt
 
@@ -124,7 +128,7 @@ def load_model(path: str, device="cpu"):
     model = build_model_from_config(config)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match {config['arch']}/{config['method']}: "
+        raise CheckpointError(f"checkpoint {path} does not match {config['arch']}/{config['method']}: "
                          f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     model.to(device).eval()
     return model, config

@@ -138,10 +138,13 @@ def headline(metrics: dict, map_name: str) -> str:
 
 
 def format_results(results: dict) -> list[str]:
-    """One line per figure, named as in the paper: `GT-known Loc (M): 57.30`."""
+    """One line per figure, named as in the paper: `Top-1 Cls: 80.10`, then per map `GT-known Loc (M): 57.30`
+    (classification does not depend on the map, so it is printed once)."""
     lines = []
     for map_name, metrics in results.items():
-        for key, name in FIGURES:
+        if not lines:
+            lines += [f"{name}: {metrics[key]:.2f}" for key, name in FIGURES[:2] if key in metrics]
+        for key, name in FIGURES[2:]:
             if key in metrics:
                 digits = 2 if "threshold" not in key else 3
                 lines.append(f"{name} ({map_name}): {metrics[key]:.{digits}f}")
@@ -171,6 +174,8 @@ def main(args) -> int:
     missing = [f"--{k}" for k in ("dataset", "data", "checkpoint", "out") if not getattr(args, k, None)]
     if missing:
         raise SystemExit(f"dbc-fast eval: missing required option(s) {', '.join(missing)}")
+    if args.img_size % 32:
+        raise SystemExit(f"--img-size must be a multiple of 32, got {args.img_size}")
     device = dist_utils.setup(args.device)
     model, config = load_model(args.checkpoint, device=device)
     if args.channels_last:

@@ -351,6 +351,9 @@ def train(args) -> int:
         rngs = state.get("rng") or []
         if len(rngs) == world:
             ckpt_lib.set_rng_state(rngs[rank])
+        elif start_step:
+            raise SystemExit(f"{resume_path} was written in the middle of an epoch by {len(rngs)} process(es); "
+                             f"resume it with the same number of processes (this run has {world})")
         else:
             _warn(f"checkpoint has RNG states of {len(rngs)} process(es), this run has {world}: "
                   "drop-path randomness is re-seeded (data order and augmentation are unaffected)")
