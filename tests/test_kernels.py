@@ -293,6 +293,46 @@ def test_torch_compile_fullgraph_inductor(rng):
     assert all(_rel_err(a, b) < 1e-4 for a, b in zip(grads, want_grads)), rng.seed_text
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_backends_match_float64_eager(backend, dtype, rng):
+    """On a GPU machine: the CUDA and Triton kernels on CUDA tensors, at odd and at the training sizes."""
+    ok, why = ops.available_backends("cuda")[backend]
+    if not ok:
+        pytest.skip(f"{backend} unavailable on cuda: {why}")
+    for n, C, side, cl in ((3, 37, 7, False), (67, 130, 14, True), (64, 256, 14, False), (256, 1024, 14, True),
+                           (5, 19, 28, False)):
+        feat = torch.randn(n, C, side, side, generator=rng.gen).to(dtype).cuda()
+        if cl:
+            feat = feat.to(memory_format=torch.channels_last)
+        masks = torch.rand(n, 2, side, side, generator=rng.gen).cuda()
+        feat.requires_grad_()
+        masks.requires_grad_()
+        fg, bg = ops.masked_pool(feat, masks, backend=backend)
+        f64, m64 = feat.detach().double().requires_grad_(), masks.detach().double().requires_grad_()
+        rfg, rbg = ops.masked_pool(f64, m64)
+        w = torch.randn(2, n, 2, C, generator=rng.gen).cuda()
+        got = torch.autograd.grad((fg.float() * w[0] + bg.float() * w[1]).sum(), (feat, masks))
+        want = torch.autograd.grad((rfg * w[0].double() + rbg * w[1].double()).sum(), (f64, m64))
+        for name, a, b in (("fg", fg, rfg), ("bg", bg, rbg), ("grad feat", got[0], want[0]),
+                           ("grad masks", got[1], want[1])):
+            assert _rel_err(a, b) < TOL[dtype], f"{name} {backend} {dtype} n={n} C={C} {rng.seed_text}"
+    for n, C in ((1, 37), (67, 130), (256, 1024), (1030, 2050)):
+        for negatives in ("cross", "within"):
+            xs = [x.cuda().requires_grad_() for x in _loss_inputs(n, C, rng, dtype)]
+            out = ops.contrastive_losses(*xs, negatives=negatives, backend=backend)
+            xs64 = [x.detach().double().requires_grad_() for x in xs]
+            ref = ops.contrastive_losses(*xs64, negatives=negatives)
+            for o, r in zip(out, ref):
+                assert abs(o.item() - r.item()) <= 1e-5 * max(1.0, abs(r.item())), \
+                    f"loss {backend} {negatives} {dtype} n={n} C={C} {rng.seed_text}"
+            got = torch.autograd.grad(sum(out), xs)
+            want = torch.autograd.grad(sum(ref), xs64)
+            for a, b in zip(got, want):
+                assert _rel_err(a, b) < TOL[dtype], f"grads {backend} {negatives} {dtype} n={n} {rng.seed_text}"
+
+
 def test_triton_kernels_compile_for_hopper():
     """The interpreter runs the kernels as Python; the GPU compiler is stricter. Compile each kernel (bf16) for
     sm_90 down to cubin, in a process without TRITON_INTERPRET."""
