@@ -418,8 +418,12 @@ def train(args) -> int:
             if step >= steps_per_epoch:
                 break
             tracker.update(batch)  # warns per unreadable image; too many stop the run
-            if len(batch["image"]) == 0:  # every image of this batch was unreadable
+            empty = len(batch["image"]) == 0  # every image of this batch was unreadable
+            if world > 1:  # DDP needs every rank in every step: all skip when one has nothing
+                empty = dist_utils.all_reduce_sum(torch.tensor([float(empty)])).item() > 0
+            if empty:
                 step += 1
+                bar.update(1)
                 continue
             scheduler.step_update(num_updates=global_step)
             images, labels = batch["image"], batch["label"]
