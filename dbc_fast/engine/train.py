@@ -17,7 +17,6 @@ import os
 import random
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -294,9 +293,9 @@ def train(args) -> int:
         raise SystemExit(f"--img-size must be a multiple of 32, got {args.img_size}")
     device = dist_utils.setup(args.device)
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    main = rank == 0
+    is_main = rank == 0
     out = args.out
-    if main:
+    if is_main:
         os.makedirs(out, exist_ok=True)
 
     resume_path = None
@@ -376,9 +375,9 @@ def train(args) -> int:
     if args.compile:
         train_model = torch.compile(train_model)
 
-    log = _JsonlLog(os.path.join(out, "metrics.jsonl")) if main else None
-    tb = _tensorboard(out) if main else None
-    if main:
+    log = _JsonlLog(os.path.join(out, "metrics.jsonl")) if is_main else None
+    tb = _tensorboard(out) if is_main else None
+    if is_main:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"args": vars(args), "config": config, "world_size": world}, f, indent=2, default=str)
         _say(f"training {args.arch}/{args.method} on {len(train_set)} {args.dataset} images "
@@ -387,7 +386,7 @@ def train(args) -> int:
 
     def save(path, epoch, step, meters):
         rngs = dist_utils.all_gather_objects(ckpt_lib.rng_state())  # every rank's stream (collective)
-        if main:
+        if is_main:
             ckpt_lib.save_atomic({
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "global_step": global_step,
@@ -411,7 +410,7 @@ def train(args) -> int:
         tracker.paths.update(meters["skipped"])
         meters["skipped"] = tracker.paths
         bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   unit="step", disable=not main or args.no_progress, dynamic_ncols=True, file=sys.stderr)
+                   unit="step", disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stderr)
         t0, seen = time.perf_counter(), 0
         step = first_step
         for batch in loader:
@@ -451,7 +450,7 @@ def train(args) -> int:
             meters["sums"] = [s + v * batch_images for s, v in zip(meters["sums"], losses)]
             meters["images"] += int(batch_images)
             seen += int(batch_images)
-            if main:
+            if is_main:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{losses[0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                 img_s=f"{rate:.1f}")
@@ -492,7 +491,7 @@ def train(args) -> int:
             _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}")
         record["best"] = best
         save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
-        if main:
+        if is_main:
             if is_best:
                 ckpt_lib.link_or_copy(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
             log.write(record)
