@@ -54,6 +54,8 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
             known = ", ".join(sorted(d.replace("_", "-") for d in actions))
             raise SystemExit(f"--config {path}: unknown option {key!r} (known: {known})")
         action = actions[dest]
+        if action.nargs == "?" and action.const is not None and value is True:
+            value = action.const  # `resume: true` = a bare `--resume`
         if action.choices is not None and value is not None:
             items = value if isinstance(value, list) else [value]
             bad = [v for v in items if v not in action.choices]

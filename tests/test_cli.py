@@ -102,6 +102,11 @@ def test_yaml_config_and_command_line_precedence(tmp_path):
     assert args.lr == 0.002  # the command line wins over the file
     assert args.channels_last is True and list(args.betas) == [0.8, 0.9]
     assert args.weight_decay == 5e-4 and args.img_size == 224  # built-in defaults stay where neither sets them
+    cfg.write_text("resume: true\n")
+    assert parse(["train", "--config", str(cfg)])[1].resume == "auto"  # as a bare --resume
+    cfg.write_text("maps: [M, M_c]\nsweep-interval: 0\n")
+    _, eval_args = parse(["eval", "--config", str(cfg)])
+    assert eval_args.maps == ["M", "M_c"] and eval_args.sweep_interval == 0
     _, plain = parse(["train", "--lr", "0.002"])
     assert plain.batch_size == 64 and plain.dataset is None
 
