@@ -231,7 +231,8 @@ def run(args) -> dict:
 
     if args.train_step:
         step = make_train_step(args, dataset.num_classes, device)
-        first = next(_batches_forever(new_loader("torch")))
+        working = [n for n in loaders if "error" not in result["loaders"][n]] or ["torch"]
+        first = next(_batches_forever(new_loader(working[0])))
         fixed = {"image": first["image"].to(device), "label": first["label"].to(device)}
         result["step_only"] = measure_train_step(step, _fixed_batches(fixed), device, args.warmup, steps)
         _print_line("(none)", "step only", result["step_only"])

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -195,8 +196,17 @@ def probe_image(path: str) -> str | None:
     except RuntimeError:
         return "corrupt, truncated or not an image: DALI cannot decode it" + _pil_opinion(path)
     finally:
-        del pipe
+        shutdown_pipeline(pipe)
     return None
+
+
+def shutdown_pipeline(pipe) -> None:
+    """Stops a pipeline's threads now. Left to Python's cycle collector, a pipeline can be destroyed inside a
+    forked process (a DataLoader worker) that has no copy of DALI's threads: its destructor then waits for
+    them forever. (DALI has no public close(); its own atexit hook calls the same `_shutdown`.)"""
+    shutdown = getattr(pipe, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def _pil_opinion(path: str) -> str:
@@ -214,7 +224,9 @@ class _Source:
     """The external-source callback: pipeline iteration i -> the files and parameters of batch run_ids[i]."""
 
     def __init__(self, loader: "DaliLoader", run_ids: list[int]):
-        self.loader = loader
+        # a weak reference: loader -> pipeline -> source -> loader would be a cycle, and the loader (and
+        # its pipeline) would then be freed by the cycle collector, possibly in a forked child
+        self.loader = weakref.proxy(loader)
         self.run_ids = run_ids
         self.requested = -1  # the last iteration DALI asked for (batches up to it may be in flight)
         self.error: BaseException | None = None  # a read error in eval, re-raised by the loader
@@ -384,9 +396,23 @@ class DaliLoader:
         return run_ids
 
     def _close_pipeline(self) -> None:
+        if self._pipe is not None:
+            shutdown_pipeline(self._pipe)
         self._iter = None
         self._pipe = None
         self._clean = False
+
+    def close(self) -> None:
+        """Frees the pipeline (its GPU buffers) and the file-reading threads now instead of at collection."""
+        self._close_pipeline()
+        self.pool.shutdown(wait=False)
+
+    def __del__(self):
+        if getattr(self, "_pipe", None) is not None:
+            shutdown_pipeline(self._pipe)
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def _find_bad(self, consumed: int, run_ids: list[int], error: Exception) -> dict[int, str]:
         """The unreadable files among the batches the failed pipeline had in flight."""
