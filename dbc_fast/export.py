@@ -293,6 +293,11 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str = "torchscript", img_s
         raise ValueError(f"unknown input dtype {input_dtype!r}; choose one of {', '.join(INPUT_DTYPES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available here")
+    if (fmt == "aoti") != out.endswith(".pt2"):
+        raise ValueError(f"--out {out}: an aoti export must be named *.pt2 and a torchscript one must not "
+                         "(dbc_infer and ExportedModel tell the formats apart by that suffix)")
+    if topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {topk}")
     if batch < 1 or max_batch < batch:
         raise ValueError(f"want 1 <= --batch <= --max-batch, got {batch} and {max_batch}")
     load_op_library()

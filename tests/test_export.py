@@ -61,7 +61,14 @@ def real_images(shared_data, tmp_path_factory):
 
     png = str(out / "ilsvrc_as.png")
     Image.open(jpegs[-1]).convert("RGB").save(png)  # lossless: the same pixels as the JPEG decodes to
-    return {"jpegs": jpegs, "raccoon": raccoon, "png": png}
+    # other layouts dbc_infer must decode as PIL's convert("RGB") does
+    variants = {"rgba.png": Image.open(jpegs[1]).convert("RGBA"), "palette.png": Image.open(jpegs[2]).convert("P"),
+                "gray.png": Image.open(jpegs[3]).convert("L"), "gray.jpg": Image.open(jpegs[4]).convert("L")}
+    for name, img in variants.items():
+        if name == "rgba.png":
+            img.putalpha(Image.linear_gradient("L").resize(img.size))  # varied alpha: must be dropped, not composited
+        img.save(out / name)
+    return {"jpegs": jpegs, "raccoon": raccoon, "png": png, "variants": [str(out / n) for n in variants]}
 
 
 @pytest.fixture(scope="session")
@@ -228,6 +235,8 @@ def test_export_errors(checkpoint, tmp_path, op_library):
         ex.export_checkpoint(checkpoint, str(tmp_path / "x.ts"), img_size=(64, 70))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         ex.export_checkpoint(str(tmp_path / "missing.pt"), str(tmp_path / "x.ts"))
+    with pytest.raises(ValueError, match=r"named \*\.pt2"):
+        ex.export_checkpoint(checkpoint, str(tmp_path / "x.ts"), fmt="aoti")
     with pytest.raises(ValueError, match="unknown format"):
         ex.export_checkpoint(checkpoint, str(tmp_path / "x.onnx"), fmt="onnx")
     not_export = tmp_path / "plain.ts"
@@ -319,6 +328,19 @@ def test_cpp_example_matches_python(fmt, dbc_infer, exported, eager_module, real
             box = eager_module(images, torch.tensor([given]))[4][0].tolist()
         sx, sy = py["width"] / IMG, py["height"] / IMG
         assert py["box"] == pytest.approx([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], abs=1e-3)
+
+
+def test_cpp_example_decodes_like_pil(dbc_infer, exported, real_images, op_library):
+    """RGBA (alpha dropped), palette and grayscale PNGs and a grayscale JPEG: the same result as Python."""
+    model = ex.ExportedModel(exported["torchscript"])
+    for path in real_images["variants"]:
+        run = subprocess.run([dbc_infer, exported["torchscript"], path, "--ops", op_library], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        cpp, py = json.loads(run.stdout), ex.predict_image(model, path)
+        assert cpp["class"] == py["class"], path
+        assert cpp["score"] == pytest.approx(py["score"], abs=2e-6), path
+        assert cpp["box"] == pytest.approx(py["box"], abs=1e-3), path
 
 
 def test_cpp_example_errors(dbc_infer, exported, real_images, op_library, tmp_path):

@@ -89,24 +89,60 @@ Image read_jpeg(const std::string& path, const std::vector<uint8_t>& bytes) {
   return image;
 }
 
-Image read_png(const std::string& path) {
-  png_image png;
-  std::memset(&png, 0, sizeof(png));
-  png.version = PNG_IMAGE_VERSION;
-  if (!png_image_begin_read_from_file(&png, path.c_str())) {
-    throw std::runtime_error(path + ": cannot decode PNG: " + png.message);
+struct PngReader {
+  std::string path;
+  const std::vector<uint8_t>* bytes = nullptr;
+  size_t offset = 0;
+};
+
+void png_read_from_memory(png_structp png, png_bytep out, png_size_t length) {
+  auto* reader = static_cast<PngReader*>(png_get_io_ptr(png));
+  if (reader->offset + length > reader->bytes->size()) png_error(png, "truncated file");
+  std::memcpy(out, reader->bytes->data() + reader->offset, length);
+  reader->offset += length;
+}
+
+Image read_png(const std::string& path, const std::vector<uint8_t>& bytes) {
+  // The low-level API with no gamma or background handling, so the pixels are the file's as PIL's
+  // convert("RGB") gives them: palette and gray expanded to RGB, alpha dropped (not composited),
+  // 16-bit samples reduced to their high byte.
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, nullptr, nullptr, nullptr);
+  if (!png) throw std::runtime_error(path + ": cannot create a PNG reader");
+  png_infop info = png_create_info_struct(png);
+  if (!info) {
+    png_destroy_read_struct(&png, nullptr, nullptr);
+    throw std::runtime_error(path + ": cannot create a PNG reader");
   }
-  // RGB without alpha: alpha is dropped (not composited), as PIL's convert("RGB") does.
-  png.format = PNG_FORMAT_RGB;
+  PngReader reader{path, &bytes, 0};
   Image image;
-  image.width = static_cast<int>(png.width);
-  image.height = static_cast<int>(png.height);
-  image.rgb.resize(PNG_IMAGE_SIZE(png));
-  if (!png_image_finish_read(&png, /*background=*/nullptr, image.rgb.data(), 0, nullptr)) {
-    std::string message = png.message;
-    png_image_free(&png);
-    throw std::runtime_error(path + ": cannot decode PNG: " + message);
+  if (setjmp(png_jmpbuf(png))) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    throw std::runtime_error(path + ": cannot decode PNG (corrupt or truncated file)");
   }
+  png_set_read_fn(png, &reader, png_read_from_memory);
+  png_read_info(png, info);
+  const int color = png_get_color_type(png, info);
+  if (png_get_bit_depth(png, info) == 16) png_set_strip_16(png);
+  if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
+  if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) {
+    png_set_expand_gray_1_2_4_to_8(png);
+    png_set_gray_to_rgb(png);
+  }
+  png_set_strip_alpha(png);  // also drops a palette's tRNS transparency: no alpha channel is created
+  png_set_interlace_handling(png);
+  png_read_update_info(png, info);
+  image.width = static_cast<int>(png_get_image_width(png, info));
+  image.height = static_cast<int>(png_get_image_height(png, info));
+  if (png_get_rowbytes(png, info) != static_cast<size_t>(image.width) * 3) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    throw std::runtime_error(path + ": unsupported PNG pixel layout");
+  }
+  image.rgb.resize(static_cast<size_t>(image.width) * image.height * 3);
+  std::vector<png_bytep> rows(image.height);
+  for (int y = 0; y < image.height; ++y) rows[y] = image.rgb.data() + static_cast<size_t>(y) * image.width * 3;
+  png_read_image(png, rows.data());
+  png_read_end(png, nullptr);
+  png_destroy_read_struct(&png, &info, nullptr);
   return image;
 }
 
@@ -116,7 +152,7 @@ Image read_image(const std::string& path) {
   std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   static const uint8_t kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
   if (bytes.size() >= 3 && bytes[0] == 0xFF && bytes[1] == 0xD8 && bytes[2] == 0xFF) return read_jpeg(path, bytes);
-  if (bytes.size() >= 8 && std::equal(kPng, kPng + 8, bytes.begin())) return read_png(path);
+  if (bytes.size() >= 8 && std::equal(kPng, kPng + 8, bytes.begin())) return read_png(path, bytes);
   throw std::runtime_error(path + ": not a JPEG or PNG file (unknown signature)");
 }
 
