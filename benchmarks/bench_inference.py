@@ -8,7 +8,8 @@ One run measures everything side by side on the same seeded model (1000 classes)
 * torchscript: the traced file loaded with torch.jit.load, in Python;
 * aoti: the .pt2 (torch.export + AOTInductor) loaded with torch._inductor.aoti_load_package, in Python;
 * cpp-torchscript / cpp-aoti: csrc/example's dbc_infer --bench (libtorch, no Python), when built.
-Each figure is the median over --iters (batch < 16) or --iters-large timed calls after 3 warm-up calls; throughput = batch / median.
+Each figure is the median over --iters (batch < 16) or --iters-large timed calls after 3 warm-up calls;
+throughput = batch / median.
 The whole module is timed (normalisation, model, map upsampling, box op, top-k). Prints a Markdown
 table for benchmarks/RESULTS.md with device, versions and the command.
 
@@ -143,7 +144,7 @@ def markdown(result: dict) -> str:
     lines = [f"Device: {env['device']} ({env.get('gpu', env['cpu'])}, {env['threads']} threads); torch {env['torch']}, "
              f"Python {env['python']}. Export times: TorchScript {result['timings']['export_torchscript_s']:.0f} s, "
              f"AOTInductor {result['timings']['export_aoti_s']:.0f} s.", "",
-             "| variant | batch | median ms | min ms | images/s | max |logit diff| vs eager | box mismatches |",
+             "| variant | batch | median ms | min ms | images/s | max abs logit diff vs eager | box mismatches |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         diff = "-" if r["max_logit_diff"] is None else f"{r['max_logit_diff']:.1e}"
