@@ -22,7 +22,6 @@ import platform
 import sys
 import time
 
-import numpy as np
 import torch
 
 DATASETS = ("images", "cub", "ilsvrc", "tiny-imagenet", "folder")
