@@ -20,5 +20,8 @@ if [ -n "$CUDA_VER" ] && [ "${DBC_FAST_NO_CUDA:-0}" != "1" ]; then
     echo "[install.sh] no nvcc ${CUDA_VER} on pip: the CUDA kernels will be skipped"
   fi
 fi
+# DALI (optional extra) so the CPU pipelines are tested; its wheel follows torch's CUDA major version.
+DALI_CUDA=$( [ "${CUDA_VER%%.*}" = "12" ] && echo 120 || echo 130 )
+$PY -m pip install -q "nvidia-dali-cuda${DALI_CUDA}" || echo "[install.sh] DALI not installed: --loader dali unavailable, its tests skip"
 $PY -m pip install -q --no-build-isolation --no-deps -e .
 $PY -c "import dbc_fast, dbc_fast.ops as o; print('dbc_fast', dbc_fast.__version__, '| op library:', o.library_path() or 'not built')"

@@ -109,11 +109,12 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     module, args = parse(argv)
     from .data.errors import DatasetError
+    from .data.dali import DALIUnavailableError
     from .engine.checkpoint import CheckpointError
 
     try:
         return int(module.main(args) or 0)
-    except (DatasetError, CheckpointError) as e:  # bad input: the message names the file; no traceback needed
+    except (DatasetError, CheckpointError, DALIUnavailableError) as e:  # bad input: the message names the file; no traceback needed
         print(f"dbc-fast {argv[0]}: error: {e}", file=sys.stderr, flush=True)
         return 1
 

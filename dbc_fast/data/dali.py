@@ -62,12 +62,16 @@ def dali_available() -> bool:
     return True
 
 
+class DALIUnavailableError(ImportError):
+    """`--loader dali` asked for but DALI is not installed; the message says how to install it."""
+
+
 def _import_dali():
     try:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
     except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
+        raise DALIUnavailableError(INSTALL_HINT) from e
     return fn, pipeline_def, types, DALIGenericIterator
 
 
