@@ -201,7 +201,7 @@ class ExportedModel:
             raw = self._runner.get_metadata()
         else:
             extra = {META_PREFIX + k: "" for k in META_KEYS}
-            self._runner = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+            self._runner = torch.jit.load(path, _extra_files=extra)  # on the device it was exported for
             raw = {k: v.decode() if isinstance(v, bytes) else v for k, v in extra.items()}
         self.metadata = {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX) and v != ""}
         missing = [k for k in ("img_h", "img_w", "input_dtype", "device") if k not in self.metadata]

@@ -233,7 +233,7 @@ def test_export_in_fresh_process_matches_eager(fmt, exported, eager_module, real
 def test_export_errors(checkpoint, tmp_path, op_library):
     with pytest.raises(ValueError, match="multiples of 32"):
         ex.export_checkpoint(checkpoint, str(tmp_path / "x.ts"), img_size=(64, 70))
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(ValueError, match="checkpoint not found"):  # CheckpointError
         ex.export_checkpoint(str(tmp_path / "missing.pt"), str(tmp_path / "x.ts"))
     with pytest.raises(ValueError, match=r"named \*\.pt2"):
         ex.export_checkpoint(checkpoint, str(tmp_path / "x.ts"), fmt="aoti")
