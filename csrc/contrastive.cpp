@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -21,6 +22,10 @@ namespace dbc_fast {
 namespace {
 
 constexpr double kNormEps = 1e-12;
+
+// Items per thread chunk so that a chunk is at least ~32K multiply-adds: small problems stay on one thread
+// (a parallel region costs more than they do, and far more on a loaded machine).
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
 
 void check_loss_inputs(const at::Tensor& fc, const at::Tensor& bc, const at::Tensor& ft, const at::Tensor& bt,
                        double eps, const char* op) {
@@ -51,7 +56,7 @@ Normalised<acc_t> normalise_rows(const at::Tensor& x_acc) {
   const int64_t n = x_acc.size(0), C = x_acc.size(1);
   const acc_t* x = x_acc.data_ptr<acc_t>();
   Normalised<acc_t> out{std::vector<acc_t>(n * C), std::vector<acc_t>(n)};
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain(C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* r = x + i * C;
       acc_t ss = 0;
@@ -66,6 +71,13 @@ Normalised<acc_t> normalise_rows(const at::Tensor& x_acc) {
     }
   });
   return out;
+}
+
+// A [n, C] view of row-major storage, for ATen's matrix product (BLAS) on the n x n cosines.
+template <typename acc_t>
+at::Tensor wrap(const std::vector<acc_t>& v, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<acc_t*>(v.data()), {rows, cols},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
 template <typename acc_t>
@@ -92,14 +104,16 @@ template <typename acc_t>
 acc_t negative_loss(const Normalised<acc_t>& f, const Normalised<acc_t>& b, int64_t n, int64_t C, bool cross,
                     acc_t eps) {
   std::vector<acc_t> rows(n);
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  at::Tensor cos;  // cross: the n x n cosines from one matrix product
+  if (cross) cos = at::mm(wrap(f.u, n, C), wrap(b.u, n, C).t()).contiguous();
+  const acc_t* cp = cross ? cos.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, n, grain(cross ? n : C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t* ui = f.u.data() + i * C;
       acc_t s = 0;
       if (cross) {
-        for (int64_t j = 0; j < n; ++j) s -= std::log1p(-clamp_cos(dot(ui, b.u.data() + j * C, C), eps));
+        for (int64_t j = 0; j < n; ++j) s -= std::log1p(-clamp_cos(cp[i * n + j], eps));
       } else {
-        s = -std::log1p(-clamp_cos(dot(ui, b.u.data() + i * C, C), eps));
+        s = -std::log1p(-clamp_cos(dot(f.u.data() + i * C, b.u.data() + i * C, C), eps));
       }
       rows[i] = s;
     }
@@ -133,7 +147,7 @@ void negative_grad(const Normalised<acc_t>& f, const Normalised<acc_t>& b, int64
                    acc_t eps, acc_t g, std::vector<acc_t>& gu, std::vector<acc_t>& gv) {
   const acc_t scale = g / acc_t(cross ? n * n : n);
   if (!cross) {
-    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain(3 * C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* ui = f.u.data() + i * C;
         const acc_t* vi = b.u.data() + i * C;
@@ -147,38 +161,17 @@ void negative_grad(const Normalised<acc_t>& f, const Normalised<acc_t>& b, int64
     });
     return;
   }
-  std::vector<acc_t> W(n * n);
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t cs = dot(f.u.data() + i * C, b.u.data() + j * C, C);
-        W[i * n + j] = in_range(cs, eps) ? scale / (acc_t(1) - cs) : acc_t(0);
-      }
+  // Cross: cosines by one matrix product, W elementwise, then gu += W V and gv += W^T U (BLAS).
+  const at::Tensor U = wrap(f.u, n, C), V = wrap(b.u, n, C);
+  const at::Tensor cos = at::mm(U, V.t()).contiguous();
+  at::Tensor W = at::empty_like(cos);
+  const acc_t* cp = cos.data_ptr<acc_t>();
+  acc_t* wp = W.data_ptr<acc_t>();
+  at::parallel_for(0, n * n, grain(1), [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) wp[e] = in_range(cp[e], eps) ? scale / (acc_t(1) - cp[e]) : acc_t(0);
   });
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t* out = gu.data() + i * C;
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t w = W[i * n + j];
-        if (w == acc_t(0)) continue;
-        const acc_t* vj = b.u.data() + j * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) out[c] += w * vj[c];
-      }
-    }
-  });
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      acc_t* out = gv.data() + j * C;
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t w = W[i * n + j];
-        if (w == acc_t(0)) continue;
-        const acc_t* ui = f.u.data() + i * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) out[c] += w * ui[c];
-      }
-    }
-  });
+  wrap(gu, n, C).addmm_(W, V);
+  wrap(gv, n, C).addmm_(W.t(), U);
 }
 
 // Through u = x / max(|x|, 1e-12): dx = (du - (du . u) u) / |x|, or du / 1e-12 where the norm is clamped.
@@ -187,7 +180,7 @@ at::Tensor normalise_backward(const Normalised<acc_t>& x, const std::vector<acc_
                               const at::TensorOptions& acc_opts, at::ScalarType out_type) {
   at::Tensor out = at::empty({n, C}, acc_opts);
   acc_t* o = out.data_ptr<acc_t>();
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain(2 * C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* g = gu.data() + i * C;
       const acc_t* u = x.u.data() + i * C;
@@ -215,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> losses_backward_impl(
   if (g_pos != 0) {
     // d/dcos of -log(cos) / n is -1 / (n cos).
     const acc_t scale = static_cast<acc_t>(g_pos) / acc_t(n);
-    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain(3 * C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* a = Fc.u.data() + i * C;
         const acc_t* b = Ft.u.data() + i * C;

@@ -45,7 +45,9 @@ void pool_forward_cpu(const at::Tensor& feat, const at::Tensor& masks_acc, at::T
   scalar_t* bg_p = bg.data_ptr<scalar_t>();
   if (!c_inner) {
     // NCHW: every (n, c) row of P values is contiguous; one dot product per mask plus the plain sum.
-    at::parallel_for(0, n * C, 16, [&](int64_t begin, int64_t end) {
+    // Rows per thread chunk: at least ~32K multiply-adds, so small problems stay on one thread.
+    const int64_t rows_grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(P * (K + 1), 1));
+    at::parallel_for(0, n * C, rows_grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t i = row / C, c = row % C;
         const scalar_t* fr = f + row * P;
