@@ -230,6 +230,34 @@ def test_export_in_fresh_process_matches_eager(fmt, exported, eager_module, real
         assert boxes.tolist() == [extract_boxes(m, THRESHOLD)[0].tolist() for m in maps]
 
 
+@pytest.mark.parametrize("method", ["cam", "tscam"])
+def test_class_specific_maps_follow_the_given_class(method, real_images, op_library, tmp_path):
+    """cam / tscam: the map (and box) is the given class's, the predicted one's for -1; TorchScript agrees."""
+    torch.manual_seed(1)
+    model = dbc_fast.create_model("conformer_tiny_patch16", 10, method=method).eval()
+    module = ex.InferenceModule(model, (IMG, IMG), cam_threshold=THRESHOLD, topk=3).eval()
+    images = _batch(real_images["jpegs"][:2])
+    classes = torch.tensor([-1, 3])
+    with torch.no_grad():
+        out = module(images, classes)
+        x = (images.float() / 255 - module.mean) / module.std
+        wanted = torch.where(classes >= 0, classes, out[2][:, 0])
+        raw = model(x, map_classes=wanted)["map"]
+    assert torch.equal(out[5], wanted)
+    expected = F.interpolate(raw[:, None], size=(IMG, IMG), mode="bicubic", align_corners=False)[:, 0]
+    expected = (expected - expected.amin((1, 2), keepdim=True)) / (
+        expected.amax((1, 2), keepdim=True) - expected.amin((1, 2), keepdim=True)).clamp_min(1e-12)
+    torch.testing.assert_close(out[3], expected)
+    if method == "cam":
+        return  # the TorchScript round trip of the two-pass path once (tscam) is enough
+    path = str(tmp_path / "model.ts")
+    ex.export_torchscript(module, path, ex.metadata_for(module, {}, "uint8", "cpu"),
+                          ex.example_inputs(module, 2, "uint8", "cpu"))
+    got = ex.ExportedModel(path)(images, classes)
+    torch.testing.assert_close(got[3], out[3], atol=1e-4, rtol=0)
+    assert torch.equal(got[4], out[4]) and torch.equal(got[5], out[5])
+
+
 def test_export_errors(checkpoint, tmp_path, op_library):
     with pytest.raises(ValueError, match="multiples of 32"):
         ex.export_checkpoint(checkpoint, str(tmp_path / "x.ts"), img_size=(64, 70))
