@@ -43,13 +43,7 @@ def _fake_checkpoint(path, shapes):
     torch.save({"model": {k: torch.zeros(1).expand(s) if s else torch.zeros(()) for k, s in shapes.items()}}, path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads waiting on each other cost ~7x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ NUM_CLASSES = 5
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads waiting on each other cost ~7x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

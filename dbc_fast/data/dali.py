@@ -34,13 +34,12 @@ ImportError that says how to install it.
 from __future__ import annotations
 
 import concurrent.futures
-import warnings
 import weakref
 
 import numpy as np
 import torch
 
-from .datasets import SkippedSample
+from .datasets import SkippedSample, boxes_for_decoded_size
 from .errors import DatasetError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, scale_boxes, train_resize_size
 
@@ -150,15 +149,7 @@ def sample_boxes(sample, decoded_wh: tuple[int, int], img_size: int,
     """(orig_size, boxes in the output image's pixels) of a sample, as WSOLDataset/EvalTransform/
     TrainTransform compute them: boxes refer to `sample.size` where known, else the decoded size (clipped
     to it); params None = evaluation (scale to S x S), else the training crop/flip."""
-    size = tuple(sample.size) if sample.size is not None else tuple(decoded_wh)
-    boxes = sample.boxes
-    if sample.size is None and len(boxes):
-        w, h = size
-        if (boxes[:, 0] > w).any() or (boxes[:, 1] > h).any():
-            raise DatasetError(f"a box {boxes.tolist()} lies entirely outside the {w}x{h} image", sample.path)
-        if (boxes[:, 2] > w).any() or (boxes[:, 3] > h).any():
-            warnings.warn(f"{sample.path}: box(es) reach outside the {w}x{h} image and were clipped to it")
-            boxes = np.minimum(boxes, np.array([w, h, w, h], np.float32))
+    size, boxes = boxes_for_decoded_size(sample, decoded_wh)
     s = img_size
     if params is None:
         out = scale_boxes(boxes, size, s, s)

@@ -43,6 +43,21 @@ def load_image(path: str) -> Image.Image:
         raise DatasetError(f"corrupt or truncated image: {e}", path) from e
 
 
+def boxes_for_decoded_size(sample: Sample, decoded_wh: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray]:
+    """(image size, boxes) of a sample once decoded: boxes refer to `sample.size` where the metadata gave it;
+    where it did not, the decoded size is known only now and the clipping policy of readers.check_box applies."""
+    size = tuple(sample.size) if sample.size is not None else tuple(decoded_wh)
+    boxes = sample.boxes
+    if sample.size is None and len(boxes):
+        w, h = size
+        if (boxes[:, 0] > w).any() or (boxes[:, 1] > h).any():
+            raise DatasetError(f"a box {boxes.tolist()} lies entirely outside the {w}x{h} image", sample.path)
+        if (boxes[:, 2] > w).any() or (boxes[:, 3] > h).any():
+            warnings.warn(f"{sample.path}: box(es) reach outside the {w}x{h} image and were clipped to it")
+            boxes = np.minimum(boxes, np.array([w, h, w, h], np.float32))
+    return size, boxes
+
+
 class WSOLDataset(torch.utils.data.Dataset):
     """A list of `Sample`s plus a transform. See `build_dataset`."""
 
@@ -70,16 +85,7 @@ class WSOLDataset(torch.utils.data.Dataset):
             if self.on_corrupt == "skip":
                 return SkippedSample(index, sample.path, e.reason, self.img_size)
             raise
-        size = sample.size or image.size
-        boxes = sample.boxes
-        if sample.size is None and len(boxes):
-            # size known only now: apply the clipping policy of readers.check_box to the decoded size
-            w, h = size
-            if (boxes[:, 0] > w).any() or (boxes[:, 1] > h).any():
-                raise DatasetError(f"a box {boxes.tolist()} lies entirely outside the {w}x{h} image", sample.path)
-            if (boxes[:, 2] > w).any() or (boxes[:, 3] > h).any():
-                warnings.warn(f"{sample.path}: box(es) reach outside the {w}x{h} image and were clipped to it")
-                boxes = np.minimum(boxes, np.array([w, h, w, h], np.float32))
+        size, boxes = boxes_for_decoded_size(sample, image.size)
         tensor, boxes = self.transform(image, boxes, size)
         return {"image": tensor, "label": sample.label, "boxes": boxes, "orig_size": tuple(size),
                 "path": sample.path, "index": index}
