@@ -23,9 +23,9 @@ namespace {
 
 constexpr double kNormEps = 1e-12;
 
-// Items per thread chunk so that a chunk is at least ~32K multiply-adds: small problems stay on one thread
+// Items per thread chunk so that a chunk is at least ~1M multiply-adds: small problems stay on one thread
 // (a parallel region costs more than they do, and far more on a loaded machine).
-int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(work_per_item, 1)); }
 
 void check_loss_inputs(const at::Tensor& fc, const at::Tensor& bc, const at::Tensor& ft, const at::Tensor& bt,
                        double eps, const char* op) {
@@ -73,6 +73,9 @@ Normalised<acc_t> normalise_rows(const at::Tensor& x_acc) {
   return out;
 }
 
+// Cross terms with at least ~16M multiply-adds go through BLAS (ATen's matrix product), smaller ones through loops.
+inline bool use_blas(int64_t n, int64_t C) { return n * n * C >= (int64_t(1) << 24); }
+
 // A [n, C] view of row-major storage, for ATen's matrix product (BLAS) on the n x n cosines.
 template <typename acc_t>
 at::Tensor wrap(const std::vector<acc_t>& v, int64_t rows, int64_t cols) {
@@ -104,16 +107,23 @@ template <typename acc_t>
 acc_t negative_loss(const Normalised<acc_t>& f, const Normalised<acc_t>& b, int64_t n, int64_t C, bool cross,
                     acc_t eps) {
   std::vector<acc_t> rows(n);
-  at::Tensor cos;  // cross: the n x n cosines from one matrix product
-  if (cross) cos = at::mm(wrap(f.u, n, C), wrap(b.u, n, C).t()).contiguous();
-  const acc_t* cp = cross ? cos.data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, n, grain(cross ? n : C), [&](int64_t begin, int64_t end) {
+  // Large cross problems take the n x n cosines from one BLAS matrix product; small ones stay in plain loops
+  // (single-threaded below the grain, so they do not wait on a busy machine's threads).
+  const bool blas = cross && use_blas(n, C);
+  at::Tensor cos;
+  if (blas) cos = at::mm(wrap(f.u, n, C), wrap(b.u, n, C).t().contiguous());
+  const acc_t* cp = blas ? cos.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, n, grain(cross ? n * C : C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      const acc_t* ui = f.u.data() + i * C;
       acc_t s = 0;
-      if (cross) {
-        for (int64_t j = 0; j < n; ++j) s -= std::log1p(-clamp_cos(cp[i * n + j], eps));
+      if (!cross) {
+        s = -std::log1p(-clamp_cos(dot(ui, b.u.data() + i * C, C), eps));
       } else {
-        s = -std::log1p(-clamp_cos(dot(f.u.data() + i * C, b.u.data() + i * C, C), eps));
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t c = blas ? cp[i * n + j] : dot(ui, b.u.data() + j * C, C);
+          s -= std::log1p(-clamp_cos(c, eps));
+        }
       }
       rows[i] = s;
     }
@@ -161,17 +171,52 @@ void negative_grad(const Normalised<acc_t>& f, const Normalised<acc_t>& b, int64
     });
     return;
   }
-  // Cross: cosines by one matrix product, W elementwise, then gu += W V and gv += W^T U (BLAS).
-  const at::Tensor U = wrap(f.u, n, C), V = wrap(b.u, n, C);
-  const at::Tensor cos = at::mm(U, V.t()).contiguous();
-  at::Tensor W = at::empty_like(cos);
-  const acc_t* cp = cos.data_ptr<acc_t>();
-  acc_t* wp = W.data_ptr<acc_t>();
-  at::parallel_for(0, n * n, grain(1), [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) wp[e] = in_range(cp[e], eps) ? scale / (acc_t(1) - cp[e]) : acc_t(0);
+  // Cross: W_ij from the cosines, then gu += W V and gv += W^T U; through BLAS for large problems.
+  if (use_blas(n, C)) {
+    const at::Tensor U = wrap(f.u, n, C), V = wrap(b.u, n, C);
+    const at::Tensor cos = at::mm(U, V.t().contiguous());
+    at::Tensor W = at::empty_like(cos);
+    const acc_t* cp = cos.data_ptr<acc_t>();
+    acc_t* wp = W.data_ptr<acc_t>();
+    at::parallel_for(0, n * n, grain(1), [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) wp[e] = in_range(cp[e], eps) ? scale / (acc_t(1) - cp[e]) : acc_t(0);
+    });
+    wrap(gu, n, C).addmm_(W, V);
+    wrap(gv, n, C).addmm_(W.t().contiguous(), U);
+    return;
+  }
+  std::vector<acc_t> W(n * n);
+  at::parallel_for(0, n, grain(n * C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t cs = dot(f.u.data() + i * C, b.u.data() + j * C, C);
+        W[i * n + j] = in_range(cs, eps) ? scale / (acc_t(1) - cs) : acc_t(0);
+      }
   });
-  wrap(gu, n, C).addmm_(W, V);
-  wrap(gv, n, C).addmm_(W.t(), U);
+  at::parallel_for(0, n, grain(n * C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t* out = gu.data() + i * C;
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t w = W[i * n + j];
+        if (w == acc_t(0)) continue;
+        const acc_t* vj = b.u.data() + j * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) out[c] += w * vj[c];
+      }
+    }
+  });
+  at::parallel_for(0, n, grain(n * C), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t* out = gv.data() + j * C;
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t w = W[i * n + j];
+        if (w == acc_t(0)) continue;
+        const acc_t* ui = f.u.data() + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) out[c] += w * ui[c];
+      }
+    }
+  });
 }
 
 // Through u = x / max(|x|, 1e-12): dx = (du - (du . u) u) / |x|, or du / 1e-12 where the norm is clamped.

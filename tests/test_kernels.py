@@ -90,7 +90,7 @@ def test_cpp_masked_pool_dtypes(dtype, channels_last, rng):
     _check_pool("cpp", 3, 45, 14, 14, dtype, channels_last, rng)
 
 
-@pytest.mark.parametrize("n,C,h,w", [(1, 5, 7, 7), (3, 37, 7, 7), (2, 19, 14, 14)])
+@pytest.mark.parametrize("n,C,h,w", [(1, 5, 7, 7), (3, 37, 7, 7), (2, 19, 14, 14), (1, 5, 28, 28)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_triton_masked_pool_fp32(n, C, h, w, channels_last, rng):
     _need("triton")
