@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 $PY -m pip install -q --upgrade pip
+# The C++ example (csrc/example) needs cmake, libjpeg and libpng; fetched only where missing and possible.
+if ! dpkg -s cmake libjpeg-dev libpng-dev >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq cmake libjpeg-dev libpng-dev) >/dev/null \
+    || echo "[install.sh] could not install cmake/libjpeg-dev/libpng-dev: the C++ example tests will skip"
+fi
 $PY -c "import torch, torchvision, timm" 2>/dev/null || $PY -m pip install -q torch torchvision timm
 $PY -m pip install -q numpy pillow pyyaml tqdm opencv-python-headless pytest pytest-benchmark scipy setuptools wheel
 
