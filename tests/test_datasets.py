@@ -539,3 +539,25 @@ def test_archive_unpacked_once_under_concurrency(roots, tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [results[0].name]
     ds = build_dataset("tiny-imagenet", archive, "val", img_size=32)
     assert len(ds) == 50 and ds.root == str(results[0] / "tiny-imagenet-mini")
+
+
+def test_archive_extraction_without_the_data_filter_refuses_escapes(tmp_path, monkeypatch):
+    """Pythons before 3.11.4 have no tarfile "data" filter: the fallback must still refuse escaping members."""
+    import io
+    import tarfile
+
+    from dbc_fast.data import archive
+
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
+    for path, name in ((good, "root/a.txt"), (bad, "../escape.txt")):
+        with tarfile.open(path, "w") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+    with tarfile.open(good) as tar:
+        archive._extract_safely(tar, tmp_path / "out")
+    assert (tmp_path / "out" / "root" / "a.txt").read_bytes() == b"hi"
+    with tarfile.open(bad) as tar, pytest.raises(tarfile.TarError, match="outside"):
+        archive._extract_safely(tar, tmp_path / "out2")
+    assert not (tmp_path / "escape.txt").exists()

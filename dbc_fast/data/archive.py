@@ -61,8 +61,7 @@ def unpack_archive(path: str | os.PathLike, cache: str | os.PathLike | None = No
         tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=root))
         try:
             with tarfile.open(path) as tar:
-                # the "data" filter refuses absolute paths, links out of the folder and device files
-                tar.extractall(tmp, filter="data")
+                _extract_safely(tar, tmp)
             os.rename(tmp, target)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -71,6 +70,25 @@ def unpack_archive(path: str | os.PathLike, cache: str | os.PathLike | None = No
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def _extract_safely(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extracts refusing absolute paths, paths out of `dest`, links and device files.
+
+    Python >= 3.11.4 (and 3.8-3.10 security releases) does this with the "data" filter; older ones get the
+    same refusals checked here before a plain extract.
+    """
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    base = os.path.realpath(dest)
+    for member in tar.getmembers():
+        target = os.path.realpath(os.path.join(base, member.name))
+        if os.path.isabs(member.name) or os.path.commonpath([base, target]) != base:
+            raise tarfile.TarError(f"member {member.name!r} would be written outside the unpack folder")
+        if not (member.isfile() or member.isdir()):
+            raise tarfile.TarError(f"member {member.name!r} is a link or special file")
+    tar.extractall(dest)
 
 
 def dataset_root(unpacked: Path) -> Path:
