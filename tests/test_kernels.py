@@ -174,9 +174,16 @@ def _check_losses(backend, n, C, negatives, dtype, rng):
     weights = torch.randn(3, generator=rng.gen, dtype=torch.float64)
     grads = torch.autograd.grad(sum(w * o for w, o in zip(weights.to(want_dtype), out)), xs)
     refs = torch.autograd.grad(sum(w * r for w, r in zip(weights, ref)), xs64)
-    for name, g, r, x in zip(("fc", "bc", "ft", "bt"), grads, refs, xs):
+    # A cosine within rounding of a clamp edge (eps or 1 - eps) falls on one side in fp32 and the other in fp64,
+    # which switches its gradient on or off: with many random pairs even eager fp32 is then far from fp64 (seen:
+    # 2.5e-5 and 1.3e-3). The bar is the fixed tolerance, or 3x eager's own error in the same dtype on these inputs.
+    xs_eager = [x.detach().clone().requires_grad_() for x in xs]
+    out_eager = ops.contrastive_losses(*xs_eager, negatives=negatives, backend="eager")
+    grads_eager = torch.autograd.grad(sum(w * o for w, o in zip(weights.to(want_dtype), out_eager)), xs_eager)
+    for name, g, r, x, ge in zip(("fc", "bc", "ft", "bt"), grads, refs, xs, grads_eager):
         assert g.dtype == x.dtype and g.shape == x.shape
-        assert _rel_err(g, r) < TOL[dtype], f"grad {name} {backend} {negatives} {dtype} {rng.seed_text}"
+        tol = max(TOL[dtype], 3 * _rel_err(ge, r))
+        assert _rel_err(g, r) < tol, f"grad {name} {backend} {negatives} {dtype} {rng.seed_text}"
 
 
 @pytest.mark.parametrize("negatives", ["cross", "within"])
