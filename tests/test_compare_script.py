@@ -97,3 +97,14 @@ def test_compare_script_four_methods(shared_data, tmp_path):
     assert "training already done" in again.stdout and "evaluation already done" in again.stdout
     assert "$ " not in again.stdout  # no train/eval command ran
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_compare_script_stops_at_max_minutes(shared_data, tmp_path):
+    out = tmp_path / "cmp"
+    proc = run_script(shared_data, out, "--methods", "cam", "--max-minutes", "0.02")  # ~1 s: stops in training
+    assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "re-run with --resume" in proc.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert report["complete"] is False
+    assert report["rows"] == [{"method": "cam", "map": None, "status": "stopped (time up)"}]
+    assert report["baseline"]["count"] == LIMIT_VAL  # the baseline needs no training
