@@ -22,7 +22,10 @@ finished ones. Choose `--epochs` from the probe's images/s: one epoch = 50,000 i
 validation images), so epochs ~ (budget_s - 60) * images_per_s / 56,000 per method.
 
 The checkpoint evaluated is last.pt by default (the end of the equal budget); `--checkpoint best` takes
-best.pt, which is chosen on the same validation images (optimistic). Exit codes: 0 done, 1 a run failed
+best.pt, which is chosen on the same validation images (optimistic). Training images/s is the mean over all
+epochs of the training loop only (validation excluded; loader start-up and the first steps' warm-up included);
+results.json also has the last epoch's rate. OUT holds the checkpoints (about 0.3 GB per method): on a machine
+whose outputs are fetched from a folder, copy only OUT/results.md, OUT/results.json and OUT/*/metrics.jsonl there. Exit codes: 0 done, 1 a run failed
 (its command is printed), 75 stopped by --max-minutes (re-run with --resume).
 """
 from __future__ import annotations
@@ -134,6 +137,7 @@ def train_speed(records: list[dict]) -> dict:
     time_s = sum(r["train_time_s"] for r in records)
     images = sum(r["images_per_s"] * r["train_time_s"] for r in records)
     return {"train_images_per_s": images / time_s if time_s > 0 else None, "train_time_s": time_s,
+            "last_epoch_images_per_s": records[-1]["images_per_s"] if records else None,
             "epochs_done": records[-1]["epoch"] if records else 0}
 
 
