@@ -99,9 +99,18 @@ def _prepare(feat, masks):
     if not (feat.is_contiguous() or feat.is_contiguous(memory_format=torch.channels_last)):
         feat = feat.contiguous()
     n, c, h, w = feat.shape
-    # Positions p = y*w + x have one stride in both layouts (stride_h == w * stride_w).
-    s_fn, s_fc, s_fp = feat.stride(0), feat.stride(1), feat.stride(3)
-    return feat, masks.contiguous(), (n, c, h * w, masks.shape[1]), (s_fn, s_fc, s_fp)
+    return feat, masks.contiguous(), (n, c, h * w, masks.shape[1]), (feat.stride(0), feat.stride(1),
+                                                                     _position_stride(feat))
+
+
+def _position_stride(t):
+    """Stride of the flat position p = y*w + x of a NCHW- or channels_last-contiguous tensor.
+
+    In both layouts stride_h == w * stride_w, so one stride walks all positions. PyTorch ignores the strides
+    of size-1 dims when it calls a tensor contiguous, so for w == 1 stride_w may be anything (e.g.
+    ``torch.randn(2, 3, 1, 5).permute(0, 1, 3, 2)``) and stride_h is the one that holds.
+    """
+    return t.stride(3) if t.shape[3] > 1 else t.stride(2)
 
 
 def _blocks(C, P, K, channels_inner):
@@ -153,7 +162,7 @@ def masked_pool_backward(grad_fg, grad_bg, feat, masks, split: int | None = None
     split = triton.cdiv(cblocks, blocks_per_split)
     # Partial grad_masks per channel slice (no view of a larger buffer is returned when there is one slice).
     dm = torch.empty(((split,) if split > 1 else ()) + tuple(masks.shape), dtype=acc, device=feat.device)
-    s_dn, s_dc, s_dp = grad_feat.stride(0), grad_feat.stride(1), grad_feat.stride(3)
+    s_dn, s_dc, s_dp = grad_feat.stride(0), grad_feat.stride(1), _position_stride(grad_feat)
     _pool_bwd_kernel[(n, pblocks, split)](
         feat, masks_c, grad_fg.contiguous(), grad_bg.contiguous(), grad_feat, dm, n, C, P, K,
         blocks_per_split * block_c, s_fn, s_fc, s_fp, s_dn, s_dc, s_dp,

@@ -424,3 +424,39 @@ def test_bad_inputs_name_the_op():
                                               torch.randn(2, 3), True, 5e-4)
     with pytest.raises(ValueError, match="negatives must be"):
         ops.contrastive_losses(*(torch.randn(2, 3) for _ in range(4)), negatives="both", backend="cpp")
+
+
+# ------------------------------------------------------------------------------------ odd strides of "contiguous" views
+
+def _odd_stride_views(rng):
+    """Feature maps PyTorch calls NCHW- or channels_last-contiguous although a size-1 dim has a stray stride."""
+    yield "w=1 from permute", torch.randn(2, 3, 1, 5, generator=rng.gen).permute(0, 1, 3, 2)  # strides (15,5,1,5)
+    yield "w=1 channels_last, stray w stride", torch.randn(2, 1, 4, 7, generator=rng.gen).permute(0, 3, 2, 1)
+    yield "h=1 from permute", torch.randn(2, 3, 6, 1, generator=rng.gen).permute(0, 1, 3, 2)
+    yield "h=w=1", torch.randn(3, 4, 1, 1, generator=rng.gen).permute(0, 1, 3, 2)
+    yield "n=1 channels_last w=1", torch.randn(1, 6, 1, 5, generator=rng.gen).permute(2, 3, 1, 0)[..., :1]
+    yield "C=1 and w=1 stray strides", torch.randn(2, 5, 1, 1, generator=rng.gen).permute(0, 2, 1, 3)
+    yield "sliced channels (not contiguous)", torch.randn(2, 8, 5, 3, generator=rng.gen)[:, ::2]
+    yield "transposed h/w (not contiguous)", torch.randn(2, 3, 5, 4, generator=rng.gen).transpose(2, 3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_masked_pool_odd_stride_views_match_eager(backend, rng):
+    """Kernels that walk strides must not trust the strides of size-1 dims (wrong sums / out-of-bounds reads)."""
+    _need(backend)
+    for name, view in _odd_stride_views(rng):
+        assert view.shape[0] >= 1 and view.dim() == 4
+        n, C, h, w = view.shape
+        feat = view.detach().requires_grad_()
+        masks = torch.rand(n, 2, w, h, generator=rng.gen).transpose(2, 3).requires_grad_()  # a view too
+        fg, bg = ops.masked_pool(feat, masks, backend=backend)
+        f64 = feat.detach().double().requires_grad_()
+        m64 = masks.detach().double().requires_grad_()
+        rfg, rbg = ops.masked_pool(f64, m64, backend="eager")
+        wf, wb = torch.randn(2, n, 2, C, generator=rng.gen)
+        got = torch.autograd.grad((fg * wf + bg * wb).sum(), (feat, masks))
+        want = torch.autograd.grad((rfg * wf.double() + rbg * wb.double()).sum(), (f64, m64))
+        for what, a, b in (("fg", fg, rfg), ("bg", bg, rbg), ("grad feat", got[0], want[0]),
+                           ("grad masks", got[1], want[1])):
+            assert a.shape == b.shape and _rel_err(a, b) < 1e-5, f"{what} {backend} {name} {rng.seed_text}"
+
