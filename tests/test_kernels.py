@@ -460,3 +460,24 @@ def test_masked_pool_odd_stride_views_match_eager(backend, rng):
                            ("grad masks", got[1], want[1])):
             assert a.shape == b.shape and _rel_err(a, b) < 1e-5, f"{what} {backend} {name} {rng.seed_text}"
 
+
+def test_auto_order_follows_the_feature_map_layout(fresh_availability):
+    """auto: channels_last maps on CUDA go to Triton first, NCHW maps and CPU tensors to the compiled library."""
+    nchw = torch.empty(2, 8, 4, 4, device="meta")
+    cl = nchw.to(memory_format=torch.channels_last)
+    assert ops.auto_order("cuda", cl) == ("triton", "cpp", "eager")
+    assert ops.auto_order("cuda", nchw) == ("cpp", "triton", "eager")
+    assert ops.auto_order("cuda", None) == ("cpp", "triton", "eager")  # the losses
+    assert ops.auto_order("cpu", cl) == ("cpp", "triton", "eager")
+    # A map that is both (C == 1 or h == w == 1) counts as NCHW.
+    assert ops.auto_order("cuda", torch.empty(2, 8, 1, 1, device="meta")) == ("cpp", "triton", "eager")
+    # masked_pool dispatches through that order: pretend every backend serves CUDA and record which one runs.
+    calls = []
+    for name in ("cpp", "triton"):
+        impl = ops._BACKENDS[name]
+        fresh_availability.setattr(impl, "available", staticmethod(lambda d: (True, "")))
+        fresh_availability.setattr(impl, "masked_pool", staticmethod(lambda f, m, name=name: calls.append(name)))
+    fresh_availability.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda")))
+    ops.masked_pool(cl, torch.empty(2, 2, 4, 4, device="meta"), backend="auto")
+    ops.masked_pool(nchw, torch.empty(2, 2, 4, 4, device="meta"), backend="auto")
+    assert calls == ["triton", "cpp"]

@@ -5,7 +5,9 @@
 - ``cpp``: the compiled op library (csrc/): CUDA kernels for CUDA tensors, C++/OpenMP kernels for CPU tensors;
 - ``triton``: the Triton kernels (kernels/, dbc_fast.kernels): CUDA tensors, or CPU tensors under
   TRITON_INTERPRET=1;
-- ``auto`` picks cpp > triton > eager by what is available for the tensors' device.
+- ``auto`` picks by what is available for the tensors' device, in this order of preference:
+  masked_pool on CUDA with a channels_last feature map: triton > cpp > eager (Triton's 16-byte loads along
+  contiguous channels); every other case (NCHW maps on CUDA, the losses, CPU tensors): cpp > triton > eager.
 A forced backend that is unavailable raises a RuntimeError that says why. ``available_backends(device)``
 lists them with the reasons. cpp and triton are torch.library custom ops (``dbc_fast::masked_pool``,
 ``dbc_fast::contrastive_losses``, ``dbc_fast::triton_masked_pool``, ``dbc_fast::triton_contrastive_losses``,
@@ -54,11 +56,25 @@ def available_backends(device="cpu") -> dict:
     return {name: _availability(name, device) for name in ("eager", "triton", "cpp")}
 
 
-def _resolve(backend: str, device: torch.device):
+_DEFAULT_ORDER = ("cpp", "triton", "eager")
+_CHANNELS_LAST_CUDA_ORDER = ("triton", "cpp", "eager")
+
+
+def auto_order(device, feat: torch.Tensor | None = None) -> tuple:
+    """The order in which ``auto`` tries the backends: for masked_pool on a channels_last CUDA feature map
+    Triton first, else the compiled library first."""
+    device = torch.device(device)
+    if device.type == "cuda" and feat is not None and feat.dim() == 4 and not feat.is_contiguous() \
+            and feat.is_contiguous(memory_format=torch.channels_last):
+        return _CHANNELS_LAST_CUDA_ORDER
+    return _DEFAULT_ORDER
+
+
+def _resolve(backend: str, device: torch.device, feat: torch.Tensor | None = None):
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if backend == "auto":
-        for name in ("cpp", "triton", "eager"):
+        for name in auto_order(device, feat):
             if _availability(name, device)[0]:
                 return _BACKENDS[name]
     ok, why = _availability(backend, device)
@@ -75,7 +91,7 @@ def masked_pool(feat: torch.Tensor, masks: torch.Tensor, backend: str = "eager")
     if feat.shape[0] != masks.shape[0] or feat.shape[2:] != masks.shape[2:]:
         raise ValueError(f"masked_pool: feat {tuple(feat.shape)} and masks {tuple(masks.shape)} differ in "
                          "batch or spatial size")
-    return _resolve(backend, feat.device).masked_pool(feat, masks)
+    return _resolve(backend, feat.device, feat).masked_pool(feat, masks)
 
 
 def contrastive_losses(fc, bc, ft, bt, negatives: str = "cross", eps: float = 5e-4, backend: str = "eager"):
