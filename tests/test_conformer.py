@@ -102,6 +102,24 @@ def test_cls_attention_row_matches_full_attention():
     assert attn(x)[1] is None
 
 
+def test_attention_gradients_match_the_sliced_official_formulation():
+    """q, k, v come from one unbind of qkv: input and weight gradients equal the official three-slice version."""
+    torch.manual_seed(1)
+    attn = Attention(48, num_heads=6, qkv_bias=True).double()
+    x = torch.randn(2, 1 + 15, 48, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 16, 48, dtype=torch.float64)
+    params = (x, attn.qkv.weight, attn.qkv.bias, attn.proj.weight)
+    got = torch.autograd.grad((attn(x)[0] * w).sum(), params)
+    b, n, c = x.shape
+    qkv = attn.qkv(x).reshape(b, n, 3, 6, c // 6).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    probs = ((q @ k.transpose(-2, -1)) * (c // 6) ** -0.5).softmax(-1)
+    want = torch.autograd.grad((attn.proj((probs @ v).transpose(1, 2).reshape(b, n, c)) * w).sum(), params)
+    for a, r in zip(got, want):
+        assert r.abs().sum() > 0
+        torch.testing.assert_close(a, r)
+
+
 @pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
 def test_timm_create_model(arch):
     assert arch in timm.list_models("conformer_*")

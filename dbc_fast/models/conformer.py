@@ -81,7 +81,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, need_cls_attn: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [b, heads, n, d]
+        q, k, v = qkv.unbind(0)  # [b, heads, n, d]; one backward (stack) instead of three zero-filled selects
         drop = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
