@@ -98,10 +98,33 @@ def test_cub_wsolevaluation_metadata(shared_data, roots):
 
 
 # --------------------------------------------------------------------------------------------- ILSVRC
-def test_ilsvrc_val_300_shipped_metadata_is_empty(shared_data):
-    # the metadata files inside ilsvrc-val-300.tar are 0 bytes: a clear "empty split" error, not 0 images
-    with pytest.raises(DatasetError, match=r"image_ids.txt: empty split"):
-        build_dataset("ilsvrc", shared_data / "ilsvrc-val-300.tar", "val")
+def test_ilsvrc_val_300_shipped_metadata(shared_data, roots, wsol_meta):
+    # The archive's own wsolevaluation files (227x227 sizes and boxes, synset_words.txt) with no metadata=: the
+    # same images, labels and boxes as the official ILSVRC2012 val metadata, its boxes scaled from the original
+    # size to the squashed 227x227 images (written with 2 decimals).
+    root = roots["ilsvrc-val-300.tar"]
+    official = wsol_meta / "ILSVRC" / "test"
+    labels = dict(line.split(",") for line in (official / "class_labels.txt").read_text().splitlines())
+    sizes = {i: (int(w), int(h)) for i, w, h in
+             (line.split(",") for line in (official / "image_sizes.txt").read_text().splitlines())}
+    boxes = read_wsol_boxes(official)
+    val = build_dataset("ilsvrc", shared_data / "ilsvrc-val-300.tar", "val")
+    test = build_dataset("ilsvrc", shared_data / "ilsvrc-val-300.tar", "test")
+    assert [(s.path, s.label) for s in val.samples] == [(s.path, s.label) for s in test.samples]
+    assert len(val) == 300 and val.num_classes == 1000 and val.class_names[:2] == ["n01440764", "n01443537"]
+    for s in val.samples:
+        image_id = os.path.relpath(s.path, root)
+        assert s.size == (227, 227) and Image.open(s.path).size == (227, 227), image_id
+        assert s.label == int(labels[image_id]), image_id
+        w, h = sizes[image_id]
+        want = np.array(boxes[image_id]) * [227 / w, 227 / h, 227 / w, 227 / h]
+        np.testing.assert_allclose(s.boxes, want, atol=0.005 + 1e-6, err_msg=image_id)
+    assert sum(len(s.boxes) for s in val.samples) == sum(len(boxes[os.path.relpath(s.path, root)])
+                                                         for s in val.samples) > 300
+    # eval boxes follow the 227 -> 224 resize
+    item = val[0]
+    assert item["orig_size"] == (227, 227)
+    np.testing.assert_allclose(item["boxes"].numpy(), val.samples[0].boxes * 224 / 227, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
