@@ -484,6 +484,13 @@ class DaliLoader:
                 "label": torch.zeros(0, dtype=torch.long, device=self.device), "boxes": [], "orig_size": [],
                 "path": [], "index": torch.zeros(0, dtype=torch.long), "skipped": self._skipped_of(k)}
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor to the loader's device; for CUDA from pinned memory without blocking, so the host can run
+        ahead of the GPU (a pageable copy would wait for every queued kernel)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _batch(self, out: dict, k: int) -> dict:
         index = out["index"].view(-1).cpu()
         shapes = out["shape"].view(-1, 3).tolist()
@@ -502,7 +509,7 @@ class DaliLoader:
             boxes.append(b)
             sizes.append(size)
             paths.append(sample.path)
-        return {"image": image, "label": torch.tensor(labels, dtype=torch.long).to(self.device),
+        return {"image": image, "label": self._to_device(torch.tensor(labels, dtype=torch.long)),
                 "boxes": boxes, "orig_size": sizes, "path": paths, "index": index,
                 "skipped": self._skipped_of(k)}
 
