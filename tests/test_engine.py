@@ -4,6 +4,7 @@ Real data (tiny-imagenet-mini) at 32x32 with a handful of steps. The exact-resum
 Conformer-Ti DBC model; the NaN and bad-image tests exercise the loop's policies with a small stand-in
 model (the loop, not the model, is under test there) to keep the suite fast on 2 CPU cores.
 """
+import argparse
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 
 import dbc_fast
 from dbc_fast.cli import main as cli_main
+from dbc_fast.engine.train import (add_arguments, build_optimizer, channels_last_enabled, compile_model,
+                                   configure_device, count_step_syncs, model_options, train_step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,11 +104,15 @@ def use_stand_in(monkeypatch, **kwargs):
     monkeypatch.setattr(dbc_fast, "create_model", create, raising=False)
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(shared_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("log_every", ["1", "20"])
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(log_every, shared_data, tmp_path, monkeypatch,
+                                                                    capsys):
+    # Checked at every step (--log-every 1) or only at the epoch's end (the default, 20 > 2 steps): the message
+    # names the same first bad step and the checkpoint of epoch 1 stays intact.
     use_stand_in(monkeypatch, nan_at_call=3)  # epoch 1 = calls 1-2, NaN at epoch 2 step 1
     out = tmp_path / "run"
     rc = cli_main(common_args(shared_data / "tiny-imagenet-mini.tar.gz", out, "--epochs", "3",
-                              "--max-steps-per-epoch", "2", "--val-split", "none"))
+                              "--max-steps-per-epoch", "2", "--val-split", "none", "--log-every", log_every))
     assert rc == 3
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 2, step 1" in err and "loss=nan" in err and "loss_cla=nan" in err
@@ -190,3 +197,72 @@ def test_loader_order_and_augmentation_depend_only_on_seed_and_epoch(shared_data
     assert [i for i, _ in resumed] == [i for i, _ in e1a[1:]]
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(resumed, e1a[1:]))
     assert [i for i, _ in epoch_batches(a, 2)] != [i for i, _ in e1a]  # another epoch, another order
+
+
+def parse_train_args(*argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_log_every_does_not_change_the_logged_losses(shared_data, tmp_path, monkeypatch):
+    # Losses stay on the device between checks; checking every step or every 3rd gives the same metrics.
+    use_stand_in(monkeypatch)
+    runs = {}
+    for every in ("1", "3"):
+        out = tmp_path / every
+        assert cli_main(common_args(shared_data / "tiny-imagenet-mini.tar.gz", out, "--epochs", "2",
+                                    "--max-steps-per-epoch", "5", "--val-split", "none", "--log-every", every)) == 0
+        runs[every] = read_jsonl(out / "metrics.jsonl")
+    assert [r["train"] for r in runs["1"]] == [r["train"] for r in runs["3"]]
+    assert [r["train_images"] for r in runs["1"]] == [r["train_images"] for r in runs["3"]] == [10, 10]
+    assert all(r["train"]["loss"] > 0 for r in runs["1"])
+
+
+def test_train_step_reads_no_tensor_values_on_the_host():
+    """The real DBC model's step (forward, losses, backward, clipping, AdamW) on meta tensors, which hold no
+    values: any .item(), .tolist(), bool(tensor) or data-dependent shape raises, so on a GPU the host never
+    has to wait for the device inside a step."""
+    args = parse_train_args("--ops-backend", "eager", "--device", "cpu")
+    with torch.device("meta"):
+        model = dbc_fast.create_model("conformer_tiny_patch16", 10, method="dbc", **model_options(args))
+    optimizer = build_optimizer(model, args, torch.device("cpu"))
+    images = torch.empty(2, 3, 64, 64, device="meta")
+    labels = torch.empty(2, dtype=torch.long, device="meta")
+    model.train()
+    for _ in range(2):  # the second step runs AdamW with its state
+        record = train_step(model, optimizer, images, labels, clip_grad=1.0)
+    assert record.shape == (5,) and record.device.type == "meta"
+    assert len(optimizer.state) == len(list(model.parameters()))
+    with pytest.raises(RuntimeError, match="meta"):  # the premise: reading a value would have failed
+        record[0].item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: sync debug mode counts host syncs on a GPU")
+@pytest.mark.parametrize("ops_backend", ["auto", "eager"])
+def test_trainer_step_makes_no_host_sync_on_cuda(ops_backend):
+    # mode "error": the first synchronizing CUDA call raises with its stack.
+    assert count_step_syncs(ops_backend=ops_backend, batch_size=8, img_size=224, steps=3, mode="error") == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_count_step_syncs_without_cuda_says_so():
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        count_step_syncs(device="cpu")
+
+
+def test_gpu_defaults_channels_last_fused_adamw_cudnn_benchmark(monkeypatch):
+    assert channels_last_enabled(parse_train_args("--device", "cuda"))
+    assert not channels_last_enabled(parse_train_args("--device", "cuda", "--no-channels-last"))
+    assert not channels_last_enabled(parse_train_args("--device", "cpu"))
+    assert channels_last_enabled(parse_train_args("--device", "cpu", "--channels-last"))
+    model, args = nn.Linear(3, 2), parse_train_args()
+    # torch also has a fused AdamW for CPU tensors, so the CUDA choice can be built here.
+    fused = build_optimizer(model, args, torch.device("cuda"))
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    assert not build_optimizer(model, args, torch.device("cpu")).defaults.get("fused")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_device(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    configure_device(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is True

@@ -11,6 +11,7 @@ Files in --out (RUN_DIR), written by rank 0 only:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -51,7 +52,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="device (default cuda if available, else cpu)")
     g.add_argument("--amp", choices=("bf16", "none"), default="none",
                    help="bf16 autocast for forward passes (default none)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and images")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for model and images (train: default on for cuda, off for "
+                        "cpu; --no-channels-last turns it off)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,6 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="AdamW betas (default 0.9 0.99)")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value (default off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--log-every", type=int, default=20,
+                   help="check the losses for NaN/inf and update the progress bar every N steps; the steps in "
+                        "between run without waiting for the GPU (default 20; 1 = check before every update)")
     g.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and augmentation (default 0)")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap the optimizer steps of each epoch")
     g = p.add_argument_group("run")
@@ -229,12 +235,34 @@ def build_datasets(args):
     return train_set, val_set, split
 
 
-def build_optimizer(model, args):
+def build_optimizer(model, args, device: torch.device):
+    """timm's AdamW (biases and norm weights, the 1-d parameters, out of weight decay); the fused CUDA kernel
+    on CUDA (one launch per step instead of 100+ over the model's ~465 tensors)."""
     from timm.optim import create_optimizer_v2
 
-    # timm leaves biases and norm weights (1-d parameters) out of weight decay.
+    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
     return create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=args.weight_decay,
-                               eps=args.opt_eps, betas=tuple(args.betas))
+                               eps=args.opt_eps, betas=tuple(args.betas), **fused)
+
+
+def channels_last_enabled(args) -> bool:
+    """--channels-last / --no-channels-last, else on for cuda (faster convolutions and pooling), off for cpu."""
+    return args.device == "cuda" if args.channels_last is None else bool(args.channels_last)
+
+
+def configure_device(device: torch.device) -> None:
+    """cuDNN picks the fastest convolution algorithms for the (fixed) training shapes."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def compile_model(model, device: torch.device, fullgraph: bool = False):
+    """torch.compile, after the DBC head's ops backends are resolved for `device`: the availability probe
+    (library loading, dispatcher queries) then is a cached dict lookup, not a graph break inside the model."""
+    from .. import ops
+
+    ops.available_backends(device)
+    return torch.compile(model, fullgraph=fullgraph)
 
 
 def build_scheduler(optimizer, args, steps_per_epoch: int):
@@ -252,7 +280,9 @@ def build_scheduler(optimizer, args, steps_per_epoch: int):
 
 
 def _autocast(device: torch.device, amp: str):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    if amp != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _unwrap(model):
@@ -277,6 +307,127 @@ def _tensorboard(out: str):
     return SummaryWriter(os.path.join(out, "tb"))
 
 
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def train_step(model, optimizer, images, labels, amp: str = "none", clip_grad: float | None = None,
+               params=None) -> torch.Tensor:
+    """One optimizer step that never waits for the device.
+
+    Returns a device tensor [loss, loss_cla, loss_neg, loss_pos, n] with each loss times n, the batch's image
+    count; the loop sums these over ranks and checks them at log points (`_check_losses`).
+    """
+    with _autocast(images.device, amp):
+        outputs = model(images, labels=labels)
+    n = images.shape[0]
+    parts = torch.stack([outputs[k].detach().float().reshape(()) for k in LOSS_KEYS])
+    record = torch.cat([parts * n, parts.new_full((1,), n)])  # a fill, not a copy from host memory
+    optimizer.zero_grad(set_to_none=True)
+    outputs["loss"].backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters() if params is None else params, clip_grad)
+    optimizer.step()
+    return record
+
+
+def _check_losses(pending: list, out: str) -> list:
+    """[(losses, images)] of the steps in `pending` ([(record, epoch, step, global_step)]), summed over ranks:
+    the one host sync of a log interval. Raises NonFiniteLoss naming the first step whose loss was not finite.
+    """
+    if not pending:
+        return []
+    rows = dist_utils.all_reduce_sum(torch.stack([r for r, *_ in pending])).tolist()
+    checked = []
+    for row, (_, epoch, step, global_step) in zip(rows, pending):
+        images = row[-1]
+        losses = [v / images for v in row[:-1]]
+        if not all(math.isfinite(v) for v in losses):
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, losses))
+            raise NonFiniteLoss(
+                f"non-finite loss at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}): "
+                f"{detail}. Stopped; nothing after the last check was saved, so the last good checkpoint "
+                f"{os.path.join(out, 'last.pt')} is intact. Lower --lr or try --clip-grad / --amp none "
+                f"(--log-every 1 checks before every update).")
+        checked.append((losses, images))
+    return checked
+
+
+def _host_flag_group():
+    """A gloo group for per-step flags under NCCL: agreeing on a host value then costs no CUDA sync."""
+    import torch.distributed as dist
+
+    if dist_utils.is_distributed() and dist.get_backend() == "nccl":
+        return dist.new_group(backend="gloo")
+    return None
+
+
+def _any_rank(flag: bool, group) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)])  # a CPU tensor, reduced over gloo
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t.item() > 0
+
+
+def count_step_syncs(arch: str = "conformer_tiny_patch16", method: str = "dbc", ops_backend: str = "auto",
+                     batch_size: int = 8, img_size: int = 224, steps: int = 3, warmup: int = 2,
+                     amp: str = "bf16", channels_last: bool = True, compile: bool = False,
+                     mode: str = "warn", device: str = "cuda") -> int:
+    """Host syncs made by `steps` steps of the trainer's step (`train_step`, the trainer's optimizer and device
+    settings) on synthetic data, between two log points. `warmup` steps run first (lazy initialisation,
+    cuDNN autotuning, optimizer state). Each batch comes from pinned host memory with a non-blocking copy,
+    as the loaders deliver it. mode "warn" counts the syncs (0 expected); "error" raises RuntimeError at the
+    first one, with its stack. Needs a CUDA device.
+    """
+    import warnings
+
+    import dbc_fast
+
+    if mode not in ("warn", "error"):
+        raise ValueError(f"mode must be 'warn' or 'error', got {mode!r}")
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError("count_step_syncs needs a CUDA device (sync debug mode is CUDA's)")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--arch", arch, "--method", method, "--ops-backend", ops_backend, "--amp", amp,
+                         "--device", "cuda"])
+    configure_device(device)
+    num_classes = 10
+    model = dbc_fast.create_model(arch, num_classes, method=method, **model_options(args)).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    optimizer = build_optimizer(model, args, device)
+    step_model = compile_model(model, device) if compile else model
+    step_model.train()
+    gen = torch.Generator().manual_seed(0)
+    host_images = torch.randn(batch_size, 3, img_size, img_size, generator=gen).pin_memory()
+    host_labels = torch.randint(0, num_classes, (batch_size,), generator=gen).pin_memory()
+
+    def one_step():
+        images = host_images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = host_labels.to(device, non_blocking=True)
+        return train_step(step_model, optimizer, images, labels, amp=amp)
+
+    for _ in range(warmup):
+        one_step()
+    torch.cuda.synchronize(device)
+    records = []
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            for _ in range(steps):
+                records.append(one_step())
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    if not all(math.isfinite(v) for v in torch.stack(records).flatten().tolist()):
+        raise RuntimeError("count_step_syncs: the synthetic steps gave a non-finite loss")
+    return syncs
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -291,7 +442,11 @@ def train(args) -> int:
         raise SystemExit(f"dbc-fast train: missing required option(s) {', '.join(missing)}")
     if args.img_size % 32:
         raise SystemExit(f"--img-size must be a multiple of 32, got {args.img_size}")
+    if args.log_every < 1:
+        raise SystemExit(f"--log-every must be >= 1, got {args.log_every}")
     device = dist_utils.setup(args.device)
+    configure_device(device)
+    channels_last = channels_last_enabled(args)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     is_main = rank == 0
     out = args.out
@@ -312,12 +467,12 @@ def train(args) -> int:
     seed_everything(args.seed + rank)  # each rank its own drop-path stream; data is seeded separately
     train_set, val_set, val_split = build_datasets(args)
     loader = build_loader(train_set, args.batch_size, train=True, loader=args.loader, device=device,
-                          num_workers=args.num_workers, seed=args.seed, channels_last=args.channels_last)
+                          num_workers=args.num_workers, seed=args.seed, channels_last=channels_last)
     val_loader = None
     if val_set is not None:
         val_loader = build_loader(val_set, args.eval_batch_size or args.batch_size, train=False,
                                   loader=args.loader, device=device, num_workers=args.num_workers,
-                                  seed=args.seed, channels_last=args.channels_last)
+                                  seed=args.seed, channels_last=channels_last)
     steps_per_epoch = len(loader)
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
@@ -331,9 +486,9 @@ def train(args) -> int:
     config = ckpt_lib.model_config(model, args.img_size, train_set.class_names, args.dataset,
                                    data=args.data, val_split=val_split)
     model.to(device)
-    if args.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args, device)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
 
     start_epoch, start_step, global_step = 0, 0, 0
@@ -373,7 +528,8 @@ def train(args) -> int:
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=args.ddp_find_unused)
     if args.compile:
-        train_model = torch.compile(train_model)
+        train_model = compile_model(train_model, device)
+    flag_group = _host_flag_group()
 
     log = _JsonlLog(os.path.join(out, "metrics.jsonl")) if is_main else None
     tb = _tensorboard(out) if is_main else None
@@ -413,52 +569,50 @@ def train(args) -> int:
                    unit="step", disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stderr)
         t0, seen = time.perf_counter(), 0
         step = first_step
+        pending = []  # (loss record on the device, epoch, step, global step) since the last check
+
+        def check():
+            """The losses since the last check: NaN/inf stops the run; meters and progress bar advance."""
+            nonlocal seen
+            checked = _check_losses(pending, out)
+            pending.clear()
+            for losses, batch_images in checked:
+                meters["sums"] = [s + v * batch_images for s, v in zip(meters["sums"], losses)]
+                meters["images"] += int(batch_images)
+                seen += int(batch_images)
+            if checked and is_main:
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{checked[-1][0][0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{rate:.1f}")
+
+        params = list(model.parameters())
         for batch in loader:
             if step >= steps_per_epoch:
                 break
             tracker.update(batch)  # warns per unreadable image; too many stop the run
             empty = len(batch["image"]) == 0  # every image of this batch was unreadable
             if world > 1:  # DDP needs every rank in every step: all skip when one has nothing
-                empty = dist_utils.all_reduce_sum(torch.tensor([float(empty)])).item() > 0
+                empty = _any_rank(empty, flag_group)
             if empty:
                 step += 1
                 bar.update(1)
                 continue
             scheduler.step_update(num_updates=global_step)
-            images, labels = batch["image"], batch["label"]
-            with _autocast(device, args.amp):
-                outputs = train_model(images, labels=labels)
-            parts = torch.stack([outputs[k].detach().float().reshape(()) for k in LOSS_KEYS])
-            n_images = torch.tensor([float(images.shape[0])], device=parts.device)
-            reduced = dist_utils.all_reduce_sum(torch.cat([parts * n_images, n_images]))
-            values = reduced.tolist()  # one sync per step: the check must happen before the update
-            batch_images = values[-1]
-            losses = [v / batch_images for v in values[:-1]]
-            if not all(math.isfinite(v) for v in losses):
-                detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, losses))
-                raise NonFiniteLoss(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}): "
-                    f"{detail}. Stopped without updating the weights; the last good checkpoint "
-                    f"{os.path.join(out, 'last.pt')} is intact. Lower --lr or try --clip-grad / --amp none.")
-            optimizer.zero_grad(set_to_none=True)
-            outputs["loss"].backward()
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
+            record = train_step(train_model, optimizer, batch["image"], batch["label"], amp=args.amp,
+                                clip_grad=args.clip_grad, params=params)
+            pending.append((record, epoch, step, global_step))
             global_step += 1
             step += 1
-            meters["sums"] = [s + v * batch_images for s, v in zip(meters["sums"], losses)]
-            meters["images"] += int(batch_images)
-            seen += int(batch_images)
             if is_main:
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{losses[0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{rate:.1f}")
                 bar.update(1)
-            if args.save_every_steps and step % args.save_every_steps == 0 and step < steps_per_epoch:
+            saving = args.save_every_steps and step % args.save_every_steps == 0 and step < steps_per_epoch
+            if saving or global_step % args.log_every == 0:
+                check()
+            if saving:
                 save(os.path.join(out, "last.pt"), epoch, step, meters)
             if step < steps_per_epoch:  # the epoch's last step is followed by its end-of-epoch save
                 maybe_kill()
+        check()
         bar.close()
         train_time = time.perf_counter() - t0
 
