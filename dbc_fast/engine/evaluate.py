@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------ the metrics
 
 
-class _MapMetrics:
+class MapMetrics:
     """The evaluators of one map: Cls/Loc at the chosen threshold (and the sweep), MaxBoxAccV2."""
 
     def __init__(self, cam_threshold: float, sweep, box_eval: bool):
@@ -121,7 +121,7 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
                     continue
                 for key, maps in part["maps"].items():
                     if key not in evaluators:
-                        evaluators[key] = _MapMetrics(cam_threshold, threshold_sweep, box_eval)
+                        evaluators[key] = MapMetrics(cam_threshold, threshold_sweep, box_eval)
                     evaluators[key].accumulate(part["logits"], part["labels"], maps, part["boxes"],
                                                part["image_size"])
         bar.update(1)
