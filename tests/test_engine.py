@@ -266,3 +266,33 @@ def test_gpu_defaults_channels_last_fused_adamw_cudnn_benchmark(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     configure_device(torch.device("cuda"))
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_compile_fullgraph_step_matches_eager(monkeypatch):
+    """--compile: the DBC model compiles with inductor on CPU in one graph (fullgraph=True: a graph break, e.g. in
+    the ops backend choice, raises) through the trainer's step, with the eager model's loss and gradients.
+    A 3-block Conformer of the tiny family at 64x64 keeps the compile near a minute on 2 cores."""
+    from dbc_fast import ops
+    from dbc_fast.models import conformer
+
+    monkeypatch.setitem(conformer.ARCH_CONFIGS, "conformer_tiny_patch16",
+                        dict(patch_size=16, channel_ratio=1, embed_dim=48, depth=3, num_heads=2))
+    monkeypatch.setattr(ops, "_AVAILABLE", {})  # the backend probe happens inside compile_model, not before
+    args = parse_train_args("--ops-backend", "auto", "--device", "cpu", "--drop-path", "0", "--fstar-block", "2")
+    torch.manual_seed(0)
+    model = dbc_fast.create_model("conformer_tiny_patch16", 5, method="dbc", **model_options(args))
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(2, 3, 64, 64, generator=gen), torch.tensor([1, 3])
+    torch._dynamo.reset()
+    compiled = compile_model(model, torch.device("cpu"), fullgraph=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay put: eager sees the same model
+    got = train_step(compiled, optimizer, images, labels)
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    want = train_step(model, optimizer, images, labels)
+    want_grads = [p.grad for p in model.parameters()]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(want).all() and want[0] > 0 and want[2] > 0  # L_neg took part
+    total = torch.cat([g.flatten() for g in want_grads]).norm()
+    for a, b in zip(got_grads, want_grads):  # biases before a BatchNorm have ~1e-9 grads: error relative to all
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6 * total
