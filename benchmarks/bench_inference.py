@@ -66,15 +66,18 @@ def run(args) -> dict:
     work = tempfile.mkdtemp(prefix="dbc_bench_")
     paths = {"torchscript": os.path.join(work, "model.ts"), "aoti": os.path.join(work, "model.pt2")}
     timings = {}
-    start = time.time()
-    ex.export_torchscript(module, paths["torchscript"], meta, ex.example_inputs(module, 2, "uint8", device))
-    timings["export_torchscript_s"] = time.time() - start
-    start = time.time()
-    ex.export_aoti(module, paths["aoti"], meta, ex.example_inputs(module, 2, "uint8", device),
-                   max_batch=max(args.batches))
-    timings["export_aoti_s"] = time.time() - start
-    runners = {"eager": module, "torchscript": ex.ExportedModel(paths["torchscript"]),
-               "aoti": ex.ExportedModel(paths["aoti"])}
+    runners = {"eager": module}
+    if "torchscript" in args.variants:
+        start = time.time()
+        ex.export_torchscript(module, paths["torchscript"], meta, ex.example_inputs(module, 2, "uint8", device))
+        timings["export_torchscript_s"] = time.time() - start
+        runners["torchscript"] = ex.ExportedModel(paths["torchscript"])
+    if "aoti" in args.variants:
+        start = time.time()
+        ex.export_aoti(module, paths["aoti"], meta, ex.example_inputs(module, 2, "uint8", device),
+                       max_batch=max(args.batches))
+        timings["export_aoti_s"] = time.time() - start
+        runners["aoti"] = ex.ExportedModel(paths["aoti"])
 
     rows = []
     for batch in args.batches:
@@ -95,9 +98,9 @@ def run(args) -> dict:
                          "images_per_s": batch * 1000.0 / median, "max_logit_diff": diffs["logits"],
                          "box_mismatches": diffs["boxes"]})
             print(json.dumps(rows[-1]), flush=True)
-        if args.dbc_infer and os.path.exists(args.dbc_infer):
+        if args.dbc_infer and os.path.exists(args.dbc_infer) and len(runners) > 1:
             image = _bench_image(work, args.image)
-            for name in ("torchscript", "aoti"):
+            for name in (v for v in ("torchscript", "aoti") if v in runners):
                 cmd = [args.dbc_infer, paths[name], image, "--ops", ex.load_op_library(), "--bench", str(iters),
                        "--batch", str(batch)]
                 if device == "cuda":
@@ -115,12 +118,19 @@ def run(args) -> dict:
 
 
 def _bench_image(work: str, image: str | None) -> str:
-    """A real photo for the C++ program (the first ILSVRC val image of ../shared/data unless --image)."""
+    """A real photo for the C++ program: --image, else the first ILSVRC val image of ../shared/data (or of
+    .carry/data on a device machine, where ../shared does not travel)."""
     if image:
         return image
     import tarfile
 
-    with tarfile.open(os.path.join(ROOT, "..", "shared", "data", "ilsvrc-val-300.tar")) as tar:
+    archive = os.path.join(ROOT, "..", "shared", "data", "ilsvrc-val-300.tar")
+    if not os.path.exists(archive):
+        archive = os.path.join(ROOT, ".carry", "data", "ilsvrc-val-300.tar")
+    if not os.path.exists(archive):
+        raise SystemExit("bench_inference: no image for dbc_infer: pass --image or carry "
+                         ".carry/data/ilsvrc-val-300.tar")
+    with tarfile.open(archive) as tar:
         member = sorted((m for m in tar.getmembers() if m.name.endswith(".JPEG")), key=lambda m: m.name)[0]
         tar.extractall(work, members=[member], filter="data")
     return os.path.join(work, member.name)
@@ -142,8 +152,8 @@ def _environment(device: str) -> dict:
 def markdown(result: dict) -> str:
     env = result["env"]
     lines = [f"Device: {env['device']} ({env.get('gpu', env['cpu'])}, {env['threads']} threads); torch {env['torch']}, "
-             f"Python {env['python']}. Export times: TorchScript {result['timings']['export_torchscript_s']:.0f} s, "
-             f"AOTInductor {result['timings']['export_aoti_s']:.0f} s.", "",
+             f"Python {env['python']}. Export times: " + (", ".join(
+                 f"{k[7:-2]} {v:.0f} s" for k, v in result["timings"].items()) or "none") + ".", "",
              "| variant | batch | median ms | min ms | images/s | max abs logit diff vs eager | box mismatches |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -158,15 +168,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="conformer_tiny_patch16")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--variants", default="eager,torchscript,aoti",
+                   help="comma list of the Python runners to export and time: eager (always, the reference), "
+                        "torchscript, aoti (default all three); dbc_infer runs each exported one")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--iters", type=int, default=20, help="timed calls per figure for batches < 16 (default 20)")
     p.add_argument("--iters-large", type=int, default=5, help="timed calls per figure for batches >= 16 (default 5)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dbc-infer", default=os.path.join(ROOT, "csrc", "example", "build", "dbc_infer"),
-                   help="the built C++ example (skipped if missing)")
+                   help="the built C++ example (skipped if missing or empty)")
     p.add_argument("--image", default=None, help="image for the C++ program (default: an ILSVRC val image)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
+    args.variants = ["eager"] + [v for v in args.variants.split(",") if v and v != "eager"]
+    bad = [v for v in args.variants if v not in ("eager", "torchscript", "aoti")]
+    if bad:
+        p.error(f"unknown variant(s) {', '.join(bad)}; choose from eager, torchscript, aoti")
     result = run(args)
     print()
     print(markdown(result))

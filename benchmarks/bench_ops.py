@@ -6,7 +6,10 @@
 Shapes are the DBC training shapes of Conformer-Ti and -S at 224x224 input: F* [n, C, 14, 14] with
 Ti: n = 64, C = 256 and S: n = 256, C = 1024 (C is the CNN branch width of block 11: 64 * 4 for Ti, 256 * 4 for S),
 two masks (M_c, M_a). On a CUDA machine: bf16 inputs; on CPU: fp32 (Triton is skipped on CPU: the interpreter
-is a correctness tool, not a fast path). "fwd" runs the op without autograd, "fwdbwd" the op and its backward.
+is a correctness tool, not a fast path). "fwd" runs the op without autograd, "fwdbwd" the op and its backward
+(torch.autograd.grad: no .grad accumulation). On CUDA one benchmark round is CALLS_PER_ROUND (20) back-to-back
+calls and one sync, so the reported times are per 20 calls there; on CPU a round is one call.
+benchmarks/bench_kernels.py gives per-call figures, bandwidth and ratios on a GPU (the GPU suite uses it).
 ``test_train_step`` times one whole DBC training step (forward, backward, SGD) with each ops backend.
 Every impl runs in the same session on fresh random inputs; record results in benchmarks/RESULTS.md.
 """
@@ -21,6 +24,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 SHAPES = {"Ti": (64, 256), "S": (256, 1024)}  # name -> (n, C); F* is 14 x 14
 IMPLS = ("eager", "compile", "triton", "cpp")
+# On CUDA a round is this many back-to-back calls and one sync: divide the round's time by it for a call's.
+CALLS_PER_ROUND = 20 if DEVICE.type == "cuda" else 1
 
 
 def _sync():
@@ -68,21 +73,26 @@ def _loss_inputs(n, C, grad):
 
 
 def _run(benchmark, fn, args, backward):
+    """Times one round of CALLS_PER_ROUND back-to-back calls and one sync (on CUDA, so launch latency overlaps as
+    in training); the backward goes through torch.autograd.grad, so nothing accumulates into the inputs' .grad."""
     outs = fn(*args)  # warm-up: compiles, autotunes, loads
     grads = [torch.randn_like(o) for o in outs] if backward else None
 
-    def step():
+    def call():
         if backward:
-            out = fn(*args)
-            torch.autograd.backward(out, grads)
+            torch.autograd.grad(fn(*args), args, grads)
         else:
             with torch.no_grad():
                 fn(*args)
+
+    def step():
+        for _ in range(CALLS_PER_ROUND):
+            call()
         _sync()
 
     step()
     benchmark.extra_info.update(device=str(DEVICE), dtype=str(DTYPE).replace("torch.", ""),
-                                torch=torch.__version__)
+                                torch=torch.__version__, calls_per_round=CALLS_PER_ROUND)
     benchmark(step)
 
 
