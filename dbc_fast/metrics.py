@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 
-__all__ = ["BoxEvaluator", "LocalizationEvaluator", "extract_boxes", "iou_matrix", "normalize_map", "prepare_map",
+__all__ = ["BoxEvaluator", "LocalizationEvaluator", "MaskEvaluator", "extract_boxes", "iou_matrix", "normalize_map", "prepare_map",
            "resize_map", "cam_threshold_grid"]
 
 
@@ -332,3 +332,114 @@ class LocalizationEvaluator:
         out.update({"threshold": self.thresholds[j], "gt_known_loc": pct(self.gt_known[j]),
                     "top1_loc": pct(self.top1_loc[j]), f"top{k}_loc": pct(self.topk_loc[j])})
         return {key: (float(v) if isinstance(v, (np.floating, np.integer)) else v) for key, v in out.items()}
+
+
+def _as_list(arrays) -> list:
+    """[n, h, w] array / tensor, or a list of [h, w] ones, or one [h, w] -> a list of numpy [h, w]."""
+    if isinstance(arrays, (list, tuple)):
+        return [_to_numpy(a) for a in arrays]
+    arrays = _to_numpy(arrays)
+    return [arrays] if arrays.ndim == 2 else list(arrays)
+
+
+class MaskEvaluator:
+    """PxAP (Choe et al. 2020, wsolevaluation MaskEvaluator) and foreground IoU / precision / recall.
+
+    Masks: 0 = background, 255 = ignore (VOC's void border), any other value = foreground (every object
+    class counts: the map is class-agnostic). Maps are prepared as for boxes: resized bicubically to the
+    mask's size when they differ, then min-max normalised (prepare_map).
+    PxAP: the foreground and background pixels' scores are histogrammed over the bins [0, i), [i, 2i), ...,
+    [1 - i, 1), [1, 2), [2, 3] (i = cam_curve_interval); for each bin edge t from the top, a pixel is
+    predicted foreground when its score >= t; precision and recall over all pixels of all images give the
+    curve, and PxAP = sum over the curve of precision * recall step (points with no predicted pixel left
+    out), in percent - wsolevaluation's definition, term by term.
+    Segmentation figures (percent, pixels pooled over the set, ignore pixels excluded): foreground IoU =
+    TP / (TP + FP + FN), precision = TP / (TP + FP), recall = TP / (TP + FN), with foreground = score >=
+    `threshold` (the same rule as the curve). The paper does not state Table 11's threshold; the default
+    0.3 is the one C2AM, the method Table 11 compares with, uses to cut its class-agnostic map into
+    background cues. compute() also gives the threshold of the grid with the best foreground IoU and the
+    figures there (chosen on the evaluated set itself), and background IoU / precision / recall at
+    `threshold` (Table 11 is titled "background segmentation").
+    """
+
+    def __init__(self, cam_curve_interval: float = 0.01, threshold: float = 0.3):
+        if not 0 < cam_curve_interval < 1:
+            raise ValueError(f"cam_curve_interval must be in (0, 1), got {cam_curve_interval}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.cam_thresholds = cam_threshold_grid(cam_curve_interval)
+        self.bin_edges = np.append(self.cam_thresholds, [1.0, 2.0, 3.0])
+        self.threshold = float(threshold)
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.fg_hist = np.zeros(len(self.bin_edges) - 1, np.int64)
+        self.bg_hist = np.zeros(len(self.bin_edges) - 1, np.int64)
+        self.tp = self.fp = 0  # at self.threshold
+        self.num_fg = self.num_bg = 0
+
+    def accumulate(self, maps, masks) -> None:
+        """maps [n, h, w] (numpy or torch; a single [h, w] map with a single mask also works); masks [n, H, W]
+        integer (or a list of masks of different sizes)."""
+        maps, masks = _as_list(maps), _as_list(masks)
+        if len(maps) != len(masks):
+            raise ValueError(f"got {len(maps)} maps but {len(masks)} masks")
+        for i, (m, mask) in enumerate(zip(maps, masks)):
+            if mask.ndim != 2:
+                raise ValueError(f"mask {i} must be 2-D [H, W], got shape {mask.shape}")
+            score = prepare_map(m, mask.shape)
+            fg = score[(mask != 0) & (mask != 255)]
+            bg = score[mask == 0]
+            self.fg_hist += np.histogram(fg, bins=self.bin_edges)[0]
+            self.bg_hist += np.histogram(bg, bins=self.bin_edges)[0]
+            self.tp += int((fg >= self.threshold).sum())
+            self.fp += int((bg >= self.threshold).sum())
+            self.num_fg += fg.size
+            self.num_bg += bg.size
+            self.count += 1
+
+    def curve(self) -> dict:
+        """The precision-recall curve from the histograms, from the highest bin edge (2.0) down to 0:
+        thresholds, tp, fp, fn, tn (pixel counts at `score >= threshold`)."""
+        tp = self.fg_hist[::-1].cumsum()
+        fp = self.bg_hist[::-1].cumsum()
+        return {"thresholds": self.bin_edges[:-1][::-1], "tp": tp, "fp": fp, "fn": self.num_fg - tp,
+                "tn": self.num_bg - fp}
+
+    @staticmethod
+    def _segmentation(tp, fp, fn, tn) -> dict:
+        def pct(a, b):
+            return float(a * 100.0 / b) if b > 0 else 0.0
+
+        return {"IoU": pct(tp, tp + fp + fn), "precision": pct(tp, tp + fp), "recall": pct(tp, tp + fn),
+                "background_IoU": pct(tn, tn + fn + fp), "background_precision": pct(tn, tn + fn),
+                "background_recall": pct(tn, tn + fp)}
+
+    def compute(self) -> dict:
+        """{"PxAP", "IoU", "precision", "recall", "threshold", "best_IoU", "best_precision", "best_recall",
+        "best_threshold", "background_IoU", "background_precision", "background_recall", "count"}."""
+        if self.count == 0:
+            raise ValueError("MaskEvaluator.compute() before any accumulate()")
+        if self.num_fg == 0:
+            raise ValueError("no foreground pixel in the masks: PxAP is undefined")
+        c = self.curve()
+        tp, fp, fn = (c[k].astype(np.float64) for k in ("tp", "fp", "fn"))
+        predicted = (tp + fp) != 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = tp / (tp + fp)
+        recall = tp / (tp + fn)
+        pxap = float((precision[1:] * np.diff(recall))[predicted[1:]].sum() * 100)
+        out: dict = {"PxAP": pxap}
+        out.update(self._segmentation(self.tp, self.fp, self.num_fg - self.tp, self.num_bg - self.fp))
+        out["threshold"] = self.threshold
+        # the grid thresholds are the curve's points 2.. (0.99 down to 0); first in ascending order on ties
+        grid = slice(len(tp) - 1, 1, -1)
+        iou = tp[grid] / np.maximum(tp[grid] + fp[grid] + fn[grid], 1)
+        j = int(np.argmax(iou))
+        k = len(tp) - 1 - j
+        best = self._segmentation(c["tp"][k], c["fp"][k], c["fn"][k], c["tn"][k])
+        out.update({"best_IoU": best["IoU"], "best_precision": best["precision"], "best_recall": best["recall"],
+                    "best_threshold": float(c["thresholds"][k])})
+        out["count"] = self.count
+        return out

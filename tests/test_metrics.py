@@ -341,3 +341,159 @@ def test_threads_do_not_change_results(ilsvrc_boxes):
         ev.accumulate(maps, our_eval_boxes(data), image_size=RESIZE)
         results.append(ev.compute())
     assert results[0] == results[1]
+
+
+# ------------------------------------------------------------------------- masks (PxAP, Table 11)
+VOC_SEG = "voc2012-seg-sample.tar"
+
+
+@pytest.fixture(scope="module")
+def voc_masks_and_maps(shared_data, tmp_path_factory):
+    """The first 30 VOC2012 val images of the sample with their class masks (palette PNG values: 0
+    background, 1..20 classes, 255 void) read straight from the archive, and a map made from each image:
+    colour distance to the mean border colour, blurred and shrunk to 14x14 like a model's map."""
+    import tarfile
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("voc")
+    with tarfile.open(shared_data / VOC_SEG) as tar:
+        tar.extractall(root, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(root)
+    voc = root / "voc2012-seg-sample" / "VOC2012"
+    ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:30]
+    masks, maps = [], []
+    for image_id in ids:
+        mask = np.array(Image.open(voc / "SegmentationClass" / f"{image_id}.png"))
+        image = np.asarray(Image.open(voc / "JPEGImages" / f"{image_id}.jpg").convert("RGB"), np.float32) / 255
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        distance = np.linalg.norm(image - border.mean(0), axis=2)
+        distance = cv2.GaussianBlur(distance, (0, 0), max(distance.shape) / 50)
+        masks.append(mask)
+        maps.append(cv2.resize(distance, (14, 14), interpolation=cv2.INTER_AREA))
+    return masks, maps
+
+
+def direct_scores(maps, masks):
+    """Foreground and background pixel scores: bicubic resize to the mask, min-max, 255 left out."""
+    fg, bg = [], []
+    for m, mask in zip(maps, masks):
+        s = cv2.resize(np.asarray(m, np.float64), (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_CUBIC)
+        s = (s - s.min()) / (s.max() - s.min())
+        fg.append(s[(mask > 0) & (mask < 255)])
+        bg.append(s[mask == 0])
+    return np.concatenate(fg), np.concatenate(bg)
+
+
+def direct_pxap(fg, bg, interval):
+    """PxAP counted threshold by threshold (score >= t) from the top, without histograms."""
+    thresholds = [1.0] + list(np.arange(0, 1, interval))[::-1]
+    auc, previous_recall = 0.0, 0.0
+    for t in thresholds:
+        tp, fp = np.count_nonzero(fg >= t), np.count_nonzero(bg >= t)
+        recall = tp / len(fg)
+        if tp + fp:
+            auc += tp / (tp + fp) * (recall - previous_recall)
+        previous_recall = recall
+    return auc * 100
+
+
+def sorted_score_ap(fg, bg):
+    """Exact average precision of the pixel ranking: every distinct score is a threshold."""
+    scores = np.concatenate([fg, bg])
+    positive = np.concatenate([np.ones(len(fg), bool), np.zeros(len(bg), bool)])
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_level = np.r_[scores[1:] != scores[:-1], True]
+    tp = np.cumsum(positive)[last_of_level]
+    predicted = np.arange(1, len(scores) + 1)[last_of_level]
+    recall = tp / len(fg)
+    return float(np.sum(tp / predicted * np.diff(np.r_[0.0, recall])) * 100)
+
+
+def test_mask_evaluator_pxap_equals_direct_count(voc_masks_and_maps):
+    masks, maps = voc_masks_and_maps
+    fg, bg = direct_scores(maps, masks)
+    assert len(fg) > 100_000 and len(bg) > 100_000
+    ev = metrics.MaskEvaluator(cam_curve_interval=0.01)
+    ev.accumulate(maps[:17], masks[:17])  # two calls, as batches come
+    ev.accumulate(maps[17:], masks[17:])
+    out = ev.compute()
+    assert out["count"] == 30
+    assert out["PxAP"] == pytest.approx(direct_pxap(fg, bg, 0.01), abs=1e-9)
+    # a real signal: far above the constant map's PxAP (the foreground share of the pixels)
+    share = 100 * len(fg) / (len(fg) + len(bg))
+    assert out["PxAP"] > share + 5
+    # with a fine grid PxAP approaches the exact AP of the sorted pixel scores
+    fine = metrics.MaskEvaluator(cam_curve_interval=0.001)
+    fine.accumulate(maps, masks)
+    exact = sorted_score_ap(fg, bg)
+    assert abs(fine.compute()["PxAP"] - exact) < 0.1
+    assert abs(out["PxAP"] - exact) < 1.0
+
+
+def test_mask_evaluator_iou_precision_recall(voc_masks_and_maps):
+    masks, maps = voc_masks_and_maps
+    fg, bg = direct_scores(maps, masks)
+    ev = metrics.MaskEvaluator(threshold=0.3)
+    ev.accumulate(maps, masks)
+    out = ev.compute()
+
+    def figures(t):
+        tp, fp = np.count_nonzero(fg >= t), np.count_nonzero(bg >= t)
+        fn, tn = len(fg) - tp, len(bg) - fp
+        return 100 * tp / (tp + fp + fn), 100 * tp / (tp + fp), 100 * tp / (tp + fn), 100 * tn / (tn + fn + fp)
+
+    iou, precision, recall, background_iou = figures(0.3)
+    assert out["threshold"] == 0.3
+    assert (out["IoU"], out["precision"], out["recall"], out["background_IoU"]) == pytest.approx(
+        (iou, precision, recall, background_iou), abs=1e-9)
+    grid = np.arange(0, 1, 0.01)
+    ious = [figures(t)[0] for t in grid]
+    best = int(np.argmax(ious))
+    assert out["best_threshold"] == grid[best]
+    assert (out["best_IoU"], out["best_precision"], out["best_recall"]) == pytest.approx(figures(grid[best])[:3],
+                                                                                          abs=1e-9)
+    assert out["best_IoU"] >= out["IoU"]
+
+
+def test_mask_evaluator_known_cases(voc_masks_and_maps):
+    masks, _ = voc_masks_and_maps
+    foreground = [((m > 0) & (m < 255)).astype(np.float32) for m in masks]
+    # the mask itself as the map: a perfect separation at every threshold above 0
+    perfect = metrics.MaskEvaluator()
+    perfect.accumulate(foreground, masks)
+    out = perfect.compute()
+    assert out["PxAP"] == 100.0 and out["IoU"] == out["precision"] == out["recall"] == 100.0
+    # a constant map: every pixel at score 0, predicted foreground only at threshold 0
+    n_fg = sum(int(f.sum()) for f in foreground)
+    n_bg = sum(int((m == 0).sum()) for m in masks)
+    flat = metrics.MaskEvaluator()
+    flat.accumulate([np.full((14, 14), 0.5)] * len(masks), masks)
+    out = flat.compute()
+    assert out["PxAP"] == pytest.approx(100 * n_fg / (n_fg + n_bg))
+    assert out["IoU"] == 0.0 and out["recall"] == 0.0 and out["best_threshold"] == 0.0
+    # void pixels do not count: marking them foreground or background in the map changes nothing
+    void_hot = [np.where(m == 255, 1.0, f) for m, f in zip(masks, foreground)]
+    ev = metrics.MaskEvaluator()
+    ev.accumulate(void_hot, masks)
+    assert ev.compute()["PxAP"] == 100.0
+    # torch maps and a stacked batch give the same numbers as numpy lists
+    same = [cv2.resize(f, (64, 48)) for f in foreground[:4]]
+    small = [cv2.resize(m, (64, 48), interpolation=cv2.INTER_NEAREST) for m in masks[:4]]
+    a, b = metrics.MaskEvaluator(), metrics.MaskEvaluator()
+    a.accumulate(same, small)
+    b.accumulate(torch.from_numpy(np.stack(same)), torch.from_numpy(np.stack(small)))
+    assert a.compute() == b.compute()
+
+
+def test_mask_evaluator_input_errors():
+    with pytest.raises(ValueError, match="before any accumulate"):
+        metrics.MaskEvaluator().compute()
+    with pytest.raises(ValueError, match="2 maps but 1 masks"):
+        metrics.MaskEvaluator().accumulate(np.random.rand(2, 14, 14), np.zeros((1, 20, 20), np.uint8))
+    ev = metrics.MaskEvaluator()
+    ev.accumulate(np.random.rand(1, 14, 14), np.zeros((1, 20, 20), np.uint8))
+    with pytest.raises(ValueError, match="no foreground pixel"):
+        ev.compute()
+    with pytest.raises(ValueError, match="cam_curve_interval"):
+        metrics.MaskEvaluator(cam_curve_interval=0)
