@@ -115,7 +115,7 @@ def parts_for(args) -> list:
                             *STEP_TOY, "--out", j("step_eager")),
              result=j("step_eager")),
         Part("kernels_bf16_cl", "kernels bf16, pooling channels_last + losses, Ti and S: eager/compile/triton/cuda",
-             45, 20, 120,
+             60, 20, 120,
              lambda: _bench("bench_kernels.py", "--dtypes", "bf16", "--layouts", "channels_last", "--out",
                             j("kernels_bf16_cl")),
              lambda: _bench("bench_kernels.py", "--dtypes", "bf16", "--layouts", "channels_last", *KERNEL_TOY,
@@ -137,7 +137,7 @@ def parts_for(args) -> list:
              result=j("dali_loader"),
              when=lambda: ("loader data not carried (.carry/data/ilsvrc-val-300.tar)" if data is None else
                            None if _dali_importable(args) else "DALI not installed (not carried)")),
-        Part("step_compile_ti", "training step, torch.compile (default mode): Ti, DBC (auto) then plain", 150, 60,
+        Part("step_compile_ti", "training step, torch.compile (default mode): Ti, DBC (auto) then plain", 150, 100,
              300,
              lambda: _bench("bench_step.py", "--archs", "Ti", "--variants", "dbc-auto,plain", "--compile", "default",
                             "--out", j("step_compile_ti")),
