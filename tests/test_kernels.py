@@ -481,3 +481,41 @@ def test_auto_order_follows_the_feature_map_layout(fresh_availability):
     ops.masked_pool(cl, torch.empty(2, 2, 4, 4, device="meta"), backend="auto")
     ops.masked_pool(nchw, torch.empty(2, 2, 4, 4, device="meta"), backend="auto")
     assert calls == ["triton", "cpp"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cuda_masked_pool_mask_dtypes_mask_counts_and_layouts(backend, rng):
+    """On a GPU: bf16 masks with bf16 features (what the model feeds under autocast), K = 1, 2, 3, 8 (both register
+    sizes of the CUDA kernels), channels_last with C a multiple of the 16-byte pack and not, odd-stride views."""
+    ok, why = ops.available_backends("cuda")[backend]
+    if not ok:
+        pytest.skip(f"{backend} unavailable on cuda: {why}")
+    cases = [(torch.bfloat16, torch.bfloat16, 2, 64, True), (torch.bfloat16, torch.bfloat16, 2, 60, True),
+             (torch.bfloat16, torch.bfloat16, 3, 64, False), (torch.float16, torch.float16, 8, 64, True),
+             (torch.bfloat16, torch.float32, 1, 64, True), (torch.float32, torch.bfloat16, 2, 36, True),
+             (torch.float32, torch.float32, 8, 37, False)]
+    for dtype, mdtype, K, C, cl in cases:
+        feat = torch.randn(5, C, 14, 14, generator=rng.gen).to(dtype).cuda()
+        if cl:
+            feat = feat.to(memory_format=torch.channels_last)
+        masks = torch.rand(5, K, 14, 14, generator=rng.gen).to(mdtype).cuda()
+        feat.requires_grad_()
+        masks.requires_grad_()
+        fg, bg = ops.masked_pool(feat, masks, backend=backend)
+        f64, m64 = feat.detach().double().requires_grad_(), masks.detach().double().requires_grad_()
+        rfg, rbg = ops.masked_pool(f64, m64)
+        w = torch.randn(2, 5, K, C, generator=rng.gen).cuda()
+        got = torch.autograd.grad((fg.float() * w[0] + bg.float() * w[1]).sum(), (feat, masks))
+        want = torch.autograd.grad((rfg * w[0].double() + rbg * w[1].double()).sum(), (f64, m64))
+        assert got[0].dtype == dtype and got[1].dtype == mdtype
+        assert got[0].is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        tol = max(TOL[dtype], TOL[mdtype])
+        for name, a, b in (("fg", fg, rfg), ("bg", bg, rbg), ("grad feat", got[0], want[0]),
+                           ("grad masks", got[1], want[1])):
+            assert _rel_err(a, b) < tol, f"{name} {backend} {dtype}/{mdtype} K={K} C={C} cl={cl} {rng.seed_text}"
+    for name, view in _odd_stride_views(rng):
+        feat = view.cuda()
+        masks = torch.rand(feat.shape[0], 2, *feat.shape[2:], generator=rng.gen).cuda()
+        got, want = ops.masked_pool(feat, masks, backend=backend), ops.masked_pool(feat.double(), masks.double())
+        assert all(_rel_err(a, b) < 1e-5 for a, b in zip(got, want)), f"{backend} {name} {rng.seed_text}"
