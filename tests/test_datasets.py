@@ -13,6 +13,7 @@ import tarfile
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -584,3 +585,121 @@ def test_archive_extraction_without_the_data_filter_refuses_escapes(tmp_path, mo
     with tarfile.open(bad) as tar, pytest.raises(tarfile.TarError, match="outside"):
         archive._extract_safely(tar, tmp_path / "out2")
     assert not (tmp_path / "escape.txt").exists()
+
+
+# ------------------------------------------------------------------------- VOC segmentation (voc-seg)
+VOC_SEG = "voc2012-seg-sample.tar"
+VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+             "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+
+
+def test_voc_segmentation_labels_boxes_and_masks(shared_data):
+    voc = resolve_root(shared_data / VOC_SEG) / "VOC2012"
+    single_class = 0
+    for split, count in (("train", 147), ("val", 153)):
+        ds = build_dataset("voc-seg", shared_data / VOC_SEG, split)
+        assert len(ds) == count and ds.class_names == VOC_NAMES and ds.has_masks
+        ids = (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        assert [Path(s.path).name for s in ds.samples] == [f"{i}.jpg" for i in ids]
+        for s, image_id in zip(ds.samples, ids):
+            mask = np.array(Image.open(voc / "SegmentationClass" / f"{image_id}.png"))
+            classes, pixels = np.unique(mask[(mask > 0) & (mask < 255)], return_counts=True)
+            single_class += len(classes) == 1
+            # the label: the class with the most pixels; its box: the bounding box of that class's pixels
+            assert s.label == classes[np.argmax(pixels)] - 1
+            ys, xs = np.nonzero(mask == s.label + 1)
+            assert s.boxes.tolist() == [[xs.min(), ys.min(), xs.max(), ys.max()]]
+            assert s.size == (mask.shape[1], mask.shape[0]) == Image.open(s.path).size
+    assert single_class == 197  # as SOURCES.md counts over the 300 images
+
+    ds = build_dataset("voc-seg", shared_data / VOC_SEG, "val", img_size=64)
+    item = ds[1]
+    original = np.array(Image.open(ds.samples[1].mask))
+    expected = torch.from_numpy(cv2.resize(original, (64, 64), interpolation=cv2.INTER_NEAREST))
+    assert item["mask"].dtype == torch.uint8 and torch.equal(item["mask"], expected)
+    assert set(item["mask"].unique().tolist()) <= set(np.unique(original).tolist())
+    w, h = ds.samples[1].size
+    assert np.allclose(item["boxes"].numpy(), ds.samples[1].boxes * np.array([64 / w, 64 / h, 64 / w, 64 / h]))
+    batch = collate([ds[i] for i in range(3)])
+    assert batch["mask"].shape == (3, 64, 64)
+    assert all(torch.equal(batch["mask"][i], ds[i]["mask"]) for i in range(3))
+    # training reads labels only
+    assert "mask" not in build_dataset("voc-seg", shared_data / VOC_SEG, "train", img_size=64, train=True)[0]
+
+
+def test_voc_segmentation_bad_input(shared_data, tmp_path):
+    voc = resolve_root(shared_data / VOC_SEG) / "VOC2012"
+    copy = tmp_path / "VOCdevkit" / "VOC2012"
+    ids = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:3]
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (copy / sub).mkdir(parents=True)
+    for i in ids:
+        shutil.copy(voc / "JPEGImages" / f"{i}.jpg", copy / "JPEGImages")
+        shutil.copy(voc / "SegmentationClass" / f"{i}.png", copy / "SegmentationClass")
+    (copy / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
+    assert len(build_dataset("voc-seg", tmp_path, "val")) == 3  # VOCdevkit/VOC2012 found from the root
+    with pytest.raises(DatasetError, match=r"no 'train' split.*found: val"):
+        build_dataset("voc-seg", tmp_path, "train")
+    with pytest.raises(DatasetError, match="not a VOC segmentation folder"):
+        build_dataset("voc-seg", tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages", "val")
+    mask_file = copy / "SegmentationClass" / f"{ids[0]}.png"
+    original = Image.open(mask_file)
+    original.convert("RGB").save(mask_file)  # a colour rendering, not class ids
+    with pytest.raises(DatasetError, match="palette or grayscale"):
+        build_dataset("voc-seg", tmp_path, "val")
+    values = np.array(original)
+    values[values == values[(values > 0) & (values < 255)][0]] = 21  # VOC has 20 classes
+    Image.fromarray(values).save(mask_file)
+    with pytest.raises(DatasetError, match=r"mask values \[21\]"):
+        build_dataset("voc-seg", tmp_path, "val")
+    # a class list names the ids of another mask set; a mask of another size than its image fails when read
+    (tmp_path / "classes.txt").write_text("\n".join(VOC_NAMES + ["extra"]) + "\n")
+    ds = build_dataset("voc-seg", tmp_path, "val", class_list=tmp_path / "classes.txt")
+    assert ds.num_classes == 21
+    Image.fromarray(values[:-1]).save(mask_file)
+    with pytest.raises(DatasetError, match="mask is .* but its image is"):
+        build_dataset("voc-seg", tmp_path, "val", class_list=tmp_path / "classes.txt")[0]
+    Image.fromarray(np.where(values == 255, 255, 0).astype(np.uint8)).save(mask_file)
+    with pytest.raises(DatasetError, match="no object pixel"):
+        build_dataset("voc-seg", tmp_path, "val")
+
+
+def test_eval_reports_mask_metrics_on_voc(shared_data, tmp_path, capsys, one_thread):
+    """`dbc-fast eval --dataset voc-seg`: box and mask figures for every map, the mask figures equal to
+    MaskEvaluator fed with the same model's maps and the dataset's masks."""
+    import json
+
+    import dbc_fast
+    from dbc_fast.cli import main
+    from dbc_fast.engine.checkpoint import model_config
+    from dbc_fast.metrics import MaskEvaluator
+
+    torch.manual_seed(0)
+    model = dbc_fast.create_model("conformer_tiny_patch16", 20, method="dbc", ops_backend="eager").eval()
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(),
+                "config": model_config(model, 64, VOC_NAMES, "voc-seg")}, checkpoint)
+    rc = main(["eval", "--dataset", "voc-seg", "--data", str(shared_data / VOC_SEG), "--checkpoint", str(checkpoint),
+               "--img-size", "64", "--batch-size", "4", "--limit-images", "6", "--device", "cpu", "--num-workers",
+               "0", "--no-maxboxacc", "--no-progress", "--out", str(tmp_path / "eval")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert report["split"] == "val" and report["images"] == 6
+
+    ds = build_dataset("voc-seg", shared_data / VOC_SEG, "val", img_size=64)
+    batch = collate([ds[i] for i in range(6)])
+    with torch.no_grad():
+        outputs = model(batch["image"])
+    for key, name in (("map", "M"), ("map_a", "M_a"), ("map_c", "M_c")):
+        reference = MaskEvaluator(0.01, threshold=0.3)
+        reference.accumulate(outputs[key], batch["mask"])
+        expected = reference.compute()
+        figures = report["metrics"][name]
+        assert figures["PxAP"] == pytest.approx(expected["PxAP"], abs=1e-9)
+        assert (figures["mask_IoU"], figures["mask_precision"], figures["mask_recall"]) == pytest.approx(
+            (expected["IoU"], expected["precision"], expected["recall"]), abs=1e-9)
+        assert figures["mask_threshold"] == 0.3 and figures["mask_best_IoU"] == pytest.approx(expected["best_IoU"])
+        assert 0 <= figures["gt_known_loc"] <= 100  # boxes from the masks make the box figures work too
+        assert f"PxAP ({name}): {figures['PxAP']:.2f}" in printed
+        assert f"foreground IoU ({name}): {figures['mask_IoU']:.2f}" in printed

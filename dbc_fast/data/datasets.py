@@ -16,7 +16,7 @@ from .errors import DatasetError
 from .readers import ReadResult, Sample
 from .transforms import EvalTransform, TrainTransform, check_img_size
 
-DATASET_NAMES = ("cub", "ilsvrc", "tiny-imagenet", "folder")
+DATASET_NAMES = ("cub", "ilsvrc", "tiny-imagenet", "folder", "voc-seg")
 SPLITS = ("train", "val", "test")
 
 
@@ -41,6 +41,19 @@ def load_image(path: str) -> Image.Image:
         raise DatasetError(f"image too large to decode safely: {e}", path) from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, bad headers, decoder errors
         raise DatasetError(f"corrupt or truncated image: {e}", path) from e
+
+
+def load_mask(path: str, decoded_wh: tuple[int, int], img_size: int) -> torch.Tensor:
+    """A sample's class mask [S, S] uint8 for evaluation: read as stored (class ids, 0 background, 255
+    ignore), resized to the S x S evaluation image with nearest-neighbour (cv2.INTER_NEAREST, as
+    wsolevaluation resizes its masks); it must have the image's size."""
+    import cv2
+
+    mask = readers.read_class_mask(Path(path))
+    if (mask.shape[1], mask.shape[0]) != tuple(decoded_wh):
+        raise DatasetError(f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                           f"{decoded_wh[0]}x{decoded_wh[1]}", path)
+    return torch.from_numpy(cv2.resize(mask, (img_size, img_size), interpolation=cv2.INTER_NEAREST))
 
 
 def boxes_for_decoded_size(sample: Sample, decoded_wh: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray]:
@@ -87,8 +100,15 @@ class WSOLDataset(torch.utils.data.Dataset):
             raise
         size, boxes = boxes_for_decoded_size(sample, image.size)
         tensor, boxes = self.transform(image, boxes, size)
-        return {"image": tensor, "label": sample.label, "boxes": boxes, "orig_size": tuple(size),
+        item = {"image": tensor, "label": sample.label, "boxes": boxes, "orig_size": tuple(size),
                 "path": sample.path, "index": index}
+        if sample.mask is not None and not self.train:  # masks serve evaluation; training uses labels only
+            item["mask"] = load_mask(sample.mask, image.size, self.img_size)
+        return item
+
+    @property
+    def has_masks(self) -> bool:
+        return any(s.mask is not None for s in self.samples)
 
     def __repr__(self):
         return (f"WSOLDataset({self.name!r}, split={self.split!r}, {len(self)} images, {self.num_classes} classes, "
@@ -98,7 +118,7 @@ class WSOLDataset(torch.utils.data.Dataset):
 def collate(items: list) -> dict:
     """Batch dict: image [n,3,S,S], label LongTensor[n], boxes list of [k,4], orig_size list, path list,
     index LongTensor[n], skipped list of SkippedSample (images dropped because they could not be read;
-    n may then be smaller than the number of items, even 0)."""
+    n may then be smaller than the number of items, even 0); mask uint8 [n,S,S] when every item has one."""
     kept = [it for it in items if not isinstance(it, SkippedSample)]
     skipped = [it for it in items if isinstance(it, SkippedSample)]
     if kept:
@@ -106,7 +126,7 @@ def collate(items: list) -> dict:
     else:
         s = skipped[0].img_size if skipped else 0
         image = torch.zeros((0, 3, s, s))
-    return {
+    batch = {
         "image": image,
         "label": torch.tensor([it["label"] for it in kept], dtype=torch.long),
         "boxes": [it["boxes"] for it in kept],
@@ -115,6 +135,9 @@ def collate(items: list) -> dict:
         "index": torch.tensor([it["index"] for it in kept], dtype=torch.long),
         "skipped": skipped,
     }
+    if kept and all("mask" in it for it in kept):
+        batch["mask"] = torch.stack([it["mask"] for it in kept])
+    return batch
 
 
 class SkippedImages:
@@ -167,6 +190,8 @@ def _read(name: str, root: Path, split: str, metadata=None, class_list=None, val
             warnings.warn(f"folder dataset {root} has no {split}/ subfolder: split {split!r} uses all its images")
         return readers.read_folder(root, split, boxes=boxes if boxes is not None else val_boxes,
                                    class_list=class_list)
+    if name == "voc-seg":
+        return readers.read_voc_segmentation(root, split, class_list=class_list)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
@@ -177,12 +202,13 @@ def build_dataset(name: str, root: str | os.PathLike, split: str, img_size: int 
                   on_corrupt: str = "error") -> WSOLDataset:
     """Build a dataset.
 
-    name: cub | ilsvrc | tiny-imagenet | folder. root: a folder or a .tar/.tar.gz/.tgz archive (unpacked
-    once into the cache, see dbc_fast.data.archive). split: train | val | test. train: training transform
-    (random crop + flip) instead of the evaluation one.
+    name: cub | ilsvrc | tiny-imagenet | folder | voc-seg. root: a folder or a .tar/.tar.gz/.tgz archive
+    (unpacked once into the cache, see dbc_fast.data.archive). split: train | val | test. train: training
+    transform (random crop + flip) instead of the evaluation one; evaluation items of a dataset with masks
+    (voc-seg) also carry "mask" [S, S] uint8 (see load_mask).
     Options: metadata (wsolevaluation metadata folder: cub and ilsvrc), class_list (a class-order file:
-    ilsvrc, folder), val_boxes / boxes (ilsvrc val: LOC_val_solution.csv or a folder of XML files; folder:
-    a CSV file or an XML folder), check_files (every listed image must exist; not needed for folders that
+    ilsvrc, folder; voc-seg: the names of mask ids 1..N, else VOC's 20), val_boxes / boxes (ilsvrc val:
+    LOC_val_solution.csv or a folder of XML files; folder: a CSV file or an XML folder), check_files (every listed image must exist; not needed for folders that
     are listed from disk), missing_images ("error": a listed image that does not exist is an error; "skip":
     such samples are left out with a warning, e.g. to evaluate the ILSVRC images you have against the full
     wsolevaluation metadata), on_corrupt ("error": an unreadable image raises DatasetError; "skip": dataset[i]

@@ -31,6 +31,7 @@ class Sample(NamedTuple):
     label: int  # 0-based class index
     boxes: np.ndarray  # [k, 4] float32 x0, y0, x1, y1 in the pixels of `size` (or of the decoded image)
     size: tuple[int, int] | None  # (w, h) the boxes refer to; None if unknown before decoding
+    mask: str | None = None  # segmentation mask file (class id per pixel, 0 background, 255 ignore), if any
 
 
 @dataclass
@@ -641,3 +642,86 @@ def _read_box_csv(csv_path: Path, names: list[str] | None) -> ReadResult:
         result.samples.append(Sample(str(csv_path.parent / rel), index[label], _boxes_array(boxes), None))
         result.origins.append((str(csv_path), first_line[rel]))
     return require_samples(result, "image folder (CSV boxes)", csv_path)
+
+
+# ------------------------------------------------------------------------ PASCAL VOC segmentation
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+MASK_BACKGROUND, MASK_IGNORE = 0, 255
+VOC_MASK_DIRS = ("SegmentationClass", "SegmentationClassAug")
+
+
+def find_voc_root(root: Path) -> Path:
+    """The folder holding JPEGImages/ and ImageSets/Segmentation/: root, root/VOC2012 or
+    root/VOCdevkit/VOC2012."""
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir() and (candidate / "ImageSets" / "Segmentation").is_dir():
+            return candidate
+    raise DatasetError("not a VOC segmentation folder: no JPEGImages/ and ImageSets/Segmentation/ in it, "
+                       "in VOC2012/ or in VOCdevkit/VOC2012/", root)
+
+
+def read_class_mask(path: Path) -> np.ndarray:
+    """A class-index mask [H, W] uint8 from a palette (P) or grayscale (L) PNG: the stored index per pixel."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DatasetError(f"a class mask must be a palette or grayscale PNG of class indices, got mode "
+                                   f"{im.mode} (a colour rendering of the classes cannot be read back)", path)
+            return np.array(im, dtype=np.uint8)
+    except FileNotFoundError as e:
+        raise DatasetError("mask file does not exist", path) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"corrupt or unreadable mask: {e}", path) from e
+
+
+def mask_label_and_boxes(mask: np.ndarray, num_classes: int, path: Path) -> tuple[int, np.ndarray]:
+    """One label per image for classification: the class with the most pixels (lowest id on ties). Its box:
+    the bounding box of all that class's pixels, x0, y0, x1, y1 inclusive pixels of the mask (one box per
+    class, not per connected region: VOC's void borders cut objects into specks - one sample dog is a
+    55,927-pixel region plus 113 regions of <= 5 pixels - so regions are not objects)."""
+    counts = np.bincount(mask.ravel(), minlength=256)
+    bad = [int(v) for v in np.nonzero(counts)[0] if v != MASK_IGNORE and v > num_classes]
+    if bad:
+        raise DatasetError(f"mask values {bad} are neither a class id (1..{num_classes}), 0 (background) nor "
+                           f"{MASK_IGNORE} (ignore)", path)
+    per_class = counts[1:num_classes + 1]
+    if not per_class.any():
+        raise DatasetError("the mask has no object pixel (only background / ignore): the image has no label", path)
+    class_id = int(np.argmax(per_class)) + 1
+    ys, xs = np.nonzero(mask == class_id)
+    return class_id - 1, np.array([[xs.min(), ys.min(), xs.max(), ys.max()]], np.float32)
+
+
+def read_voc_segmentation(root: Path, split: str, class_list: Path | None = None) -> ReadResult:
+    """PASCAL VOC segmentation layout: ImageSets/Segmentation/<split>.txt (one image id a line),
+    JPEGImages/<id>.jpg, SegmentationClass/<id>.png (or SegmentationClassAug/, SBD's augmented masks),
+    a class id per pixel: 0 background, 1..N the classes (VOC's 20, or the lines of class_list=), 255
+    ignore. Labels and boxes come from the masks (mask_label_and_boxes); each sample keeps its mask."""
+    voc = find_voc_root(root)
+    list_file = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not list_file.is_file():
+        have = sorted(p.stem for p in (voc / "ImageSets" / "Segmentation").glob("*.txt"))
+        raise DatasetError(f"no {split!r} split: ImageSets/Segmentation/{split}.txt does not exist "
+                           f"(found: {', '.join(have) or 'none'})", list_file.parent)
+    mask_dir = _first_dir(*(voc / d for d in VOC_MASK_DIRS))
+    if mask_dir is None:
+        raise DatasetError(f"no mask folder ({' or '.join(VOC_MASK_DIRS)})", voc)
+    names = read_class_list(Path(class_list)) if class_list is not None else list(VOC_CLASSES)
+    if len(names) >= MASK_IGNORE:
+        raise DatasetError(f"{len(names)} classes do not fit in a mask (ids 1..254, 255 = ignore)", class_list)
+    result = ReadResult([], names)
+    for line, image_id in _read_lines(list_file):
+        image_id = image_id.split()[0]
+        mask_path = mask_dir / f"{image_id}.png"
+        if not mask_path.is_file():
+            raise DatasetError(f"no mask {mask_path.name} in {mask_dir}", list_file, line)
+        mask = read_class_mask(mask_path)
+        label, boxes = mask_label_and_boxes(mask, len(names), mask_path)
+        image = voc / "JPEGImages" / f"{image_id}.jpg"
+        result.samples.append(Sample(str(image), label, boxes, (mask.shape[1], mask.shape[0]), str(mask_path)))
+        result.origins.append((str(list_file), line))
+    return require_samples(result, f"VOC segmentation split {split!r}", list_file)

@@ -2,7 +2,9 @@
 
 For each map the method has (M = the final map, M_a = attention map, M_c = CNN map; cam/tscam have M only):
 Top-1/Top-5 Cls, GT-known / Top-1 / Top-5 Loc at --cam-threshold and at the best threshold of a sweep,
-MaxBoxAccV2 and its per-IoU accuracies, computed by dbc_fast.metrics (wsolevaluation conventions). Maps are
+MaxBoxAccV2 and its per-IoU accuracies, and on a dataset with masks (voc-seg) PxAP and foreground IoU /
+precision / recall (Table 11) at --mask-threshold and at the best threshold, computed by dbc_fast.metrics
+(wsolevaluation conventions). Maps are
 asked for the ground-truth class (`map_classes=labels`) as wsolevaluation does; class-agnostic maps (dbc,
 cls) ignore it. Prints one line per figure (`GT-known Loc (M): 57.30`) and writes OUT/metrics.json.
 Under torchrun every rank evaluates its shard and rank 0 computes the metrics from all of them (the same
@@ -32,16 +34,33 @@ FIGURES = (
     ("MaxBoxAccV2", "MaxBoxAccV2"),
     ("MaxBoxAcc@30", "MaxBoxAcc IoU 0.3"), ("MaxBoxAcc@50", "MaxBoxAcc IoU 0.5"),
     ("MaxBoxAcc@70", "MaxBoxAcc IoU 0.7"),
+    ("PxAP", "PxAP"),
+    ("mask_IoU", "foreground IoU"), ("mask_precision", "foreground precision"), ("mask_recall", "foreground recall"),
+    ("mask_threshold", "mask threshold"),
+    ("mask_best_IoU", "foreground IoU, best threshold"), ("mask_best_precision", "foreground precision, best threshold"),
+    ("mask_best_recall", "foreground recall, best threshold"), ("mask_best_threshold", "best mask threshold"),
+    ("background_IoU", "background IoU"), ("background_precision", "background precision"),
+    ("background_recall", "background recall"),
 )
+# MaskEvaluator key -> the key in the results (its threshold keys would clash with the box figures')
+MASK_KEYS = {"PxAP": "PxAP", "IoU": "mask_IoU", "precision": "mask_precision", "recall": "mask_recall",
+             "threshold": "mask_threshold", "best_IoU": "mask_best_IoU", "best_precision": "mask_best_precision",
+             "best_recall": "mask_best_recall", "best_threshold": "mask_best_threshold",
+             "background_IoU": "background_IoU", "background_precision": "background_precision",
+             "background_recall": "background_recall"}
 DEFAULT_SWEEP = tuple(round(0.01 * i, 2) for i in range(100))  # 0.00 .. 0.99, wsolevaluation's grid
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..data import DATASET_NAMES
     from .train import add_data_arguments
 
     add_data_arguments(p)
+    for action in p._actions:  # eval takes every layout build_dataset reads, mask sets included
+        if action.dest == "dataset":
+            action.choices = DATASET_NAMES
     p.add_argument("--split", default="auto",
-                   help="split to evaluate: test (cub, ilsvrc) / val (tiny-imagenet) by default (auto)")
+                   help="split to evaluate: test (cub, ilsvrc) / val (tiny-imagenet, voc-seg) by default (auto)")
     p.add_argument("--checkpoint", help="dbc_fast checkpoint (best.pt / last.pt) (required)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch per process (default 64)")
     p.add_argument("--out", help="folder for metrics.json (required)")
@@ -51,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--maps", nargs="+", choices=("M", "M_a", "M_c"), default=["M", "M_a", "M_c"],
                    help="maps to evaluate, where the method has them (default all)")
     p.add_argument("--no-maxboxacc", action="store_true", help="skip MaxBoxAccV2 (the slowest part)")
+    p.add_argument("--mask-threshold", type=float, default=0.3,
+                   help="map threshold for the foreground IoU / precision / recall of a mask set (default 0.3, "
+                        "C2AM's cut for its background cues)")
     p.add_argument("--missing-images", choices=("error", "skip"), default="error",
                    help="an annotated image missing on disk: stop (error, default) or leave it out with a warning")
     p.add_argument("--limit-images", type=int, default=None, help="evaluate the first N images only")
@@ -61,35 +83,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class MapMetrics:
-    """The evaluators of one map: Cls/Loc at the chosen threshold (and the sweep), MaxBoxAccV2."""
+    """The evaluators of one map: Cls/Loc at the chosen threshold (and the sweep), MaxBoxAccV2, and with
+    mask_threshold the mask figures (PxAP, foreground IoU / precision / recall; keys as MASK_KEYS)."""
 
-    def __init__(self, cam_threshold: float, sweep, box_eval: bool):
-        from ..metrics import BoxEvaluator, LocalizationEvaluator
+    def __init__(self, cam_threshold: float, sweep, box_eval: bool, mask_threshold: float | None = None,
+                 mask_interval: float = 0.01):
+        from ..metrics import BoxEvaluator, LocalizationEvaluator, MaskEvaluator
 
         self.cam_threshold = cam_threshold
         # with a sweep, compute() adds the threshold of the highest GT-known Loc and its figures
         self.loc = LocalizationEvaluator(cam_thresholds=list(sweep) if sweep else None)
         self.box = BoxEvaluator() if box_eval else None
+        self.mask = None if mask_threshold is None else MaskEvaluator(mask_interval, threshold=mask_threshold)
 
-    def accumulate(self, logits, labels, maps, boxes, image_size):
-        # maps are resized (bicubic) to the evaluation image size, where the boxes are
+    def accumulate(self, logits, labels, maps, boxes, image_size, masks=None):
+        # maps are resized (bicubic) to the evaluation image size, where the boxes and masks are
         self.loc.accumulate(logits, labels, maps, boxes, self.cam_threshold, image_size=image_size)
         if self.box is not None:
             self.box.accumulate(maps, boxes, image_size=image_size)
+        if self.mask is not None:
+            if masks is None:
+                raise ValueError("MapMetrics with mask_threshold needs the masks of every batch")
+            self.mask.accumulate(maps, masks)
 
     def compute(self) -> dict:
         out = self.loc.compute()
         if self.box is not None:
             out.update(self.box.compute())
+        if self.mask is not None:
+            out.update({MASK_KEYS[k]: v for k, v in self.mask.compute().items() if k in MASK_KEYS})
         return out
 
 
 @torch.no_grad()
 def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: float = 0.2,
                    map_keys=("map", "map_a", "map_c"), box_eval: bool = True, threshold_sweep=DEFAULT_SWEEP,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, mask_threshold: float = 0.3, mask_interval: float = 0.01) -> dict:
     """{"M": {...}, "M_a": {...}, "M_c": {...}} of the maps the model gives, over every sample of `loader`
-    (all ranks' shards). Every rank gets the same result."""
+    (all ranks' shards). Batches with "mask" (a mask set) add the mask figures. Every rank gets the same
+    result."""
     from tqdm import tqdm
 
     was_training = model.training
@@ -113,7 +145,8 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
             local = {"logits": outputs["logits"].float().cpu(), "labels": batch["label"].cpu(),
                      "image_size": tuple(batch["image"].shape[-2:]),
                      "boxes": [b.cpu() for b in batch["boxes"]],
-                     "maps": {k: outputs[k].float().cpu() for k in map_keys if outputs.get(k) is not None}}
+                     "maps": {k: outputs[k].float().cpu() for k in map_keys if outputs.get(k) is not None},
+                     "masks": batch["mask"].cpu() if "mask" in batch else None}
         parts = dist_utils.all_gather_objects(local)
         if main:
             for part in parts:
@@ -121,9 +154,11 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
                     continue
                 for key, maps in part["maps"].items():
                     if key not in evaluators:
-                        evaluators[key] = MapMetrics(cam_threshold, threshold_sweep, box_eval)
+                        with_masks = part["masks"] is not None
+                        evaluators[key] = MapMetrics(cam_threshold, threshold_sweep, box_eval,
+                                                     mask_threshold if with_masks else None, mask_interval)
                     evaluators[key].accumulate(part["logits"], part["labels"], maps, part["boxes"],
-                                               part["image_size"])
+                                               part["image_size"], masks=part["masks"])
         bar.update(1)
     bar.close()
     results = {MAP_NAMES[k]: ev.compute() for k, ev in evaluators.items()} if main else None
@@ -161,8 +196,8 @@ def _sweep(interval: float):
 
 def default_split(dataset: str) -> str:
     # the split the paper reports: CUB test, ILSVRC val (called "test" in wsolevaluation's metadata);
-    # Tiny ImageNet only has val.
-    return "val" if dataset == "tiny-imagenet" else "test"
+    # Tiny ImageNet only has val; VOC's segmentation test masks are not public, so val.
+    return "val" if dataset in ("tiny-imagenet", "voc-seg") else "test"
 
 
 def main(args) -> int:
@@ -187,13 +222,23 @@ def main(args) -> int:
     if dataset.num_classes != config["num_classes"]:
         raise SystemExit(f"{args.data} has {dataset.num_classes} classes but {args.checkpoint} was trained "
                          f"for {config['num_classes']}")
-    loader = build_loader(dataset, args.batch_size, train=False, loader=args.loader, device=device,
+    loader_name = args.loader
+    if any(getattr(s, "mask", None) for s in dataset.samples):  # masks come through the torch loader only
+        if loader_name == "dali":
+            raise SystemExit(f"dbc-fast eval: {args.dataset} has masks, which the DALI loader does not read; "
+                             "use --loader torch")
+        loader_name = "torch"
+    if not 0 <= args.mask_threshold <= 1:
+        raise SystemExit(f"--mask-threshold must be in [0, 1], got {args.mask_threshold}")
+    loader = build_loader(dataset, args.batch_size, train=False, loader=loader_name, device=device,
                           num_workers=args.num_workers, channels_last=args.channels_last)
     inv = {v: k for k, v in MAP_NAMES.items()}
     t0 = time.perf_counter()
     results = evaluate_model(model, loader, device, amp=args.amp, cam_threshold=args.cam_threshold,
                              map_keys=tuple(inv[m] for m in args.maps), box_eval=not args.no_maxboxacc,
-                             threshold_sweep=_sweep(args.sweep_interval), progress=not args.no_progress)
+                             threshold_sweep=_sweep(args.sweep_interval), progress=not args.no_progress,
+                             mask_threshold=args.mask_threshold,
+                             mask_interval=args.sweep_interval if args.sweep_interval > 0 else 0.01)
     elapsed = time.perf_counter() - t0
     if dist_utils.is_main():
         os.makedirs(args.out, exist_ok=True)
