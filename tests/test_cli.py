@@ -26,7 +26,7 @@ def trained(shared_data, tmp_path_factory):
 
 def test_train_writes_checkpoints_and_metrics(trained):
     out, _ = trained
-    state = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     config = state["config"]
     assert config["arch"] == "conformer_tiny_patch16" and config["method"] == "dbc"
     assert config["num_classes"] == 10 and len(config["class_names"]) == 10 and config["img_size"] == 32
@@ -77,7 +77,7 @@ def test_predict_writes_json_in_original_pixels_and_drawings(trained, tmp_path, 
                "--out", str(tmp_path / "pred"), "--draw"])
     assert rc == 0
     result = json.load(open(tmp_path / "pred" / "predictions.json"))
-    names = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["config"]["class_names"]
+    names = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]["class_names"]
     assert result["img_size"] == 32
     by_file = {os.path.basename(p["file"]): p for p in result["predictions"]}
     assert set(by_file) == {"a.jpg", "b.png"}

@@ -48,13 +48,13 @@ def test_resume_after_kill_mid_epoch_matches_uninterrupted_run(shared_data, tmp_
                            "--save-every-steps", "1", "--debug-kill-after-steps", "3"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 137, proc.stderr[-2000:]
-    state = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
     assert (state["epoch"], state["step"], state["global_step"]) == (1, 1, 3)
     assert len(read_jsonl(killed / "metrics.jsonl")) == 1  # epoch 1 finished, epoch 2 did not
 
     assert cli_main(common_args(data, killed, *settings, "--save-every-steps", "1", "--resume")) == 0
-    a = torch.load(full / "last.pt", map_location="cpu", weights_only=False)
-    b = torch.load(killed / "last.pt", map_location="cpu", weights_only=False)
+    a = torch.load(full / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(killed / "last.pt", map_location="cpu", weights_only=True)
     assert (b["epoch"], b["step"], b["global_step"]) == (2, 0, 4)
     assert a["model"].keys() == b["model"].keys()
     different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
@@ -116,7 +116,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(log_every, s
     assert rc == 3
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 2, step 1" in err and "loss=nan" in err and "loss_cla=nan" in err
-    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert len(read_jsonl(out / "metrics.jsonl")) == 1

@@ -6,16 +6,23 @@ File layout (a dict saved with torch.save):
   epoch        epochs fully done before this checkpoint (the epoch a resumed run starts in)
   step         batches already done inside `epoch` (0 at an epoch boundary; >0 for a mid-epoch checkpoint)
   global_step  optimizer steps done since the start of the run
-  rng          list with one entry per rank: python, numpy, torch CPU and CUDA generator states
+  rng          list with one entry per rank: python, numpy, torch CPU and CUDA generator states, as tensors
   best_metric  best validation Top-1 Loc so far (percent) and its epoch
   config       arch, num_classes, method, model_options, img_size, class_names, dataset, ... (what
                `load_model` needs to rebuild the model without the training command line)
   train_args   the training options, so a resumed run can warn when they differ
   meters       the running sums of the epoch in progress (mid-epoch checkpoints)
+
+Only tensors and plain JSON-able values (dict, list, str, int, float, bool, None) are saved, and every
+checkpoint is read with `torch.load(weights_only=True)`: a file that would need to run code to load (a
+pickled object, e.g. a malicious payload) is refused with a CheckpointError, never executed.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -29,9 +36,14 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict:
+    """Every RNG state as tensors (int64), so the checkpoint loads with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": torch.tensor([version, *mt], dtype=torch.int64),
+        "python_gauss": None if gauss is None else float(gauss),
+        "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_extra": [int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -40,8 +52,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = [int(v) for v in state["python"].tolist()]
+    random.setstate((py[0], tuple(py[1:]), state["python_gauss"]))
+    pos, has_gauss, cached = state["numpy_extra"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
@@ -49,6 +63,11 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
         else:
             torch.cuda.set_rng_state(cuda_states[0])
+
+
+def plain(value):
+    """`value` as JSON-able data (tuples become lists, other objects their str): safe to save in a checkpoint."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def save_atomic(obj, path: str) -> None:
@@ -63,9 +82,12 @@ def save_atomic(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"cannot write checkpoint {path}: no space left on the device of {folder} "
+                                  f"(the previous {os.path.basename(path)}, if any, is kept)") from e
         raise
 
 
@@ -86,10 +108,16 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        # Our checkpoints hold numpy RNG state and plain python objects besides tensors.
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        # weights_only: tensors and plain types only; unpickling never runs code from the file
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file, or pickled objects weights_only refuses
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower():
+            detail = next(ln for ln in lines if "global" in ln.lower())
+            raise CheckpointError(f"refusing checkpoint {path}: it holds pickled objects other than tensors and "
+                                  f"plain types, which would run code to load ({detail[:200]})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                              f"{lines[0] if lines else ''}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a dbc_fast checkpoint (expected a dict with 'model' and 'config'; "
                          f"for an official Conformer ImageNet checkpoint use --pretrained)")
@@ -110,7 +138,7 @@ def model_config(model, img_size: int, class_names, dataset: str, **extra) -> di
         "dataset": dataset,
     }
     config.update(extra)
-    return config
+    return plain(config)
 
 
 def build_model_from_config(config: dict):

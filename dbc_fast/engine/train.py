@@ -481,8 +481,13 @@ def train(args) -> int:
                          f"images over {world} process(es): lower --batch-size")
 
     options = model_options(args)
-    model = dbc_fast.create_model(args.arch, train_set.num_classes, method=args.method,
-                                  pretrained=None if state else args.pretrained, **options)
+    try:
+        model = dbc_fast.create_model(args.arch, train_set.num_classes, method=args.method,
+                                      pretrained=None if state else args.pretrained, **options)
+    except (ValueError, FileNotFoundError) as e:
+        if args.pretrained and not state:  # the file's problem, said in one line
+            raise ckpt_lib.CheckpointError(f"--pretrained: {e}") from None
+        raise
     config = ckpt_lib.model_config(model, args.img_size, train_set.class_names, args.dataset,
                                    data=args.data, val_split=val_split)
     model.to(device)
@@ -546,7 +551,8 @@ def train(args) -> int:
             ckpt_lib.save_atomic({
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "global_step": global_step,
-                "rng": rngs, "best_metric": best, "config": config, "train_args": vars(args), "meters": meters,
+                "rng": rngs, "best_metric": dict(best), "config": config, "train_args": ckpt_lib.plain(vars(args)),
+                "meters": ckpt_lib.plain(meters),
             }, path)
 
     def maybe_kill():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -29,17 +30,21 @@ _MM_RENAMES = ((".ln1.", ".norm1."), (".ln2.", ".norm2."), (".ffn.layers.0.0.", 
                (".ffn.layers.1.", ".mlp.fc2."))
 
 
-def _read_file(path: str, weights_only: bool):
+def _read_file(path: str):
+    """torch.load with weights_only=True: tensors and plain types only; a pickled object (which would run
+    code to load) is refused, never executed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # not a torch file, truncated, or pickled objects outside weights_only
-        text = str(err).splitlines()[0] if str(err) else ""
-        hint = (" (it holds more than tensors: if you trust the file, pass weights_only=False)"
-                if weights_only and "weights_only" in str(err) else "")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or pickled objects weights_only refuses
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        if isinstance(err, pickle.UnpicklingError) and "global" in str(err).lower():
+            detail = next(ln for ln in lines if "global" in ln.lower())
+            raise ValueError(f"refusing {path}: it holds pickled objects other than tensors and plain types, "
+                             f"which would run code to load ({detail[:200]})") from None
         raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load failed: {type(err).__name__}: "
-                         f"{text}){hint}") from err
+                         f"{lines[0] if lines else ''})") from err
 
 
 def extract_state_dict(obj, path: str = "<checkpoint>") -> Dict[str, torch.Tensor]:
@@ -181,7 +186,7 @@ def load_backbone_state(backbone: Conformer, sd: Dict[str, torch.Tensor], path: 
     return reinit
 
 
-def load_pretrained(model: nn.Module, path: str, weights_only: bool = True) -> nn.Module:
+def load_pretrained(model: nn.Module, path: str) -> nn.Module:
     """Loads an official Conformer ImageNet checkpoint into a Conformer backbone or a DBC model.
 
     ``path``: a file with ``{"model": state_dict}`` or a bare state_dict in the official layout (also the
@@ -190,7 +195,7 @@ def load_pretrained(model: nn.Module, path: str, weights_only: bool = True) -> n
     count differs. Raises ValueError naming the mismatching keys/shapes for any other file. Returns model.
     """
     path = os.fspath(path)
-    sd = extract_state_dict(_read_file(path, weights_only), path)
+    sd = extract_state_dict(_read_file(path), path)
     backbone = model if isinstance(model, Conformer) else getattr(model, "backbone", None)
     if not isinstance(backbone, Conformer):
         raise TypeError(f"load_pretrained wants a Conformer or a DBC model, got {type(model).__name__}")
