@@ -54,21 +54,16 @@ def resolved_backends(variant: str, device: torch.device, channels_last: bool, f
     from dbc_fast import ops
 
     backend = variant.partition("-")[2]
-    names = {impl: name for name, impl in ops._BACKENDS.items()}
     feat = torch.empty(2, fstar_channels, 14, 14, device="meta")
     if channels_last:
         feat = feat.contiguous(memory_format=torch.channels_last)
     out = {}
-    try:
-        out["pool"] = names.get(ops._resolve(backend, device, feat), "?")
-    except TypeError:  # an ops module whose _resolve takes no feature map
-        out["pool"] = names.get(ops._resolve(backend, device), "?")
-    except RuntimeError as err:
-        out["pool"] = f"unavailable: {err}"
-    try:
-        out["losses"] = names.get(ops._resolve(backend, device), "?")
-    except RuntimeError as err:
-        out["losses"] = f"unavailable: {err}"
+    for op, extra in (("pool", (feat,)), ("losses", ())):
+        try:  # ops' own resolution (private: a report, never a reason to stop the measurement)
+            names = {impl: name for name, impl in ops._BACKENDS.items()}
+            out[op] = names.get(ops._resolve(backend, device, *extra), "?")
+        except Exception as err:
+            out[op] = f"unknown ({type(err).__name__}: {str(err)[:120]})"
     return out
 
 

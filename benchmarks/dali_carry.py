@@ -10,7 +10,8 @@ call carries 64 MiB in all). It also copies the loader benchmark's images to .ca
 .carry/ is git-ignored; benchmarks/README.md gives the calls that carry the pieces.
 install: joins the pieces found in the given folders (the first folder holding a piece wins for its name),
 checks the joined tar's size and SHA-256 against SHA256SUMS, unpacks it and installs the wheels with
-pip --target (no index, no dependencies). Put --target on PYTHONPATH to use it.
+pip --target (no index, no dependencies). Put --target on PYTHONPATH to use it. --verify-only stops after
+the check (the suite's dry run does that with the pieces packed here).
 """
 from __future__ import annotations
 
@@ -119,9 +120,13 @@ def join(dirs: list, dest: str) -> dict:
     return {"sha256": digest, "bytes": size, "pieces": [found[w] for w in want]}
 
 
-def install(dirs: list, target: str) -> dict:
+def install(dirs: list, target: str, verify_only: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         joined = join(dirs, os.path.join(tmp, TAR_NAME))
+        if verify_only:
+            with tarfile.open(os.path.join(tmp, TAR_NAME)) as tar:
+                joined["wheels"] = sorted(m.name for m in tar.getmembers())
+            return joined
         unpacked = os.path.join(tmp, "wheels")
         os.makedirs(unpacked)
         with tarfile.open(os.path.join(tmp, TAR_NAME)) as tar:
@@ -153,6 +158,7 @@ def main(argv=None) -> int:
     ins.add_argument("--pieces", required=True, help="comma list of folders holding part.* and SHA256SUMS")
     ins.add_argument("--target", required=True, help="pip --target folder (put it on PYTHONPATH)")
     ins.add_argument("--json", default=None, help="also write what was installed as JSON here")
+    ins.add_argument("--verify-only", action="store_true", help="join and check the pieces, install nothing")
     args = p.parse_args(argv)
     if args.cmd == "pack":
         wheels = download(os.path.join(args.carry, "dali_wheels"))
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
         print(f"{len(result['wheels'])} wheels, {result['bytes'] / 2 ** 20:.1f} MiB, sha256 {result['sha256']}")
         return 0
     dirs = [d for d in args.pieces.split(",") if d]
-    result = install(dirs, args.target)
+    result = install(dirs, args.target, verify_only=args.verify_only)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

@@ -59,8 +59,10 @@ def _pytest(expr, xml):
             "-k", expr, f"--junitxml={xml}"]
 
 
-BF16_TESTS = "cuda_backends and (dtype1 or bfloat16 or bf16)"
-OTHER_TESTS = "cuda_backends and not (dtype1 or bfloat16 or bf16)"
+# tests/test_kernels.py's GPU tests (named test_cuda_*): first every one but the fp32 (dtype0) and fp16 (dtype2)
+# cases of the backend-vs-float64 test, which come later
+BF16_TESTS = "test_cuda and not (cuda_backends and (dtype0 or dtype2))"
+OTHER_TESTS = "test_cuda and cuda_backends and (dtype0 or dtype2)"
 STEP_TOY = ["--device", "cpu", "--batch", "2", "--img-size", "64", "--warmup", "1", "--steps", "1"]
 KERNEL_TOY = ["--device", "cpu", "--tiny", "--shapes", "Ti", "--calls", "2", "--reps", "2", "--compile-backend",
               "aot_eager"]
@@ -100,13 +102,15 @@ def parts_for(args) -> list:
              lambda: suite + ["--probe-env", j("env")], lambda: suite + ["--probe-env", j("env"), "--dry-run"],
              result=j("env")),
         Part("build", "op library for sm_90 (pip install -e ., TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); backends",
-             80, 30, 240, lambda: suite + ["--build", j("build")], lambda: suite + ["--build", j("build"), "--dry-run"],
+             80, 30, 180, lambda: suite + ["--build", j("build")], lambda: suite + ["--build", j("build"), "--dry-run"],
              result=j("build")),
         Part("dali_install", "join, verify (sha256) and install the carried DALI wheels", 20, 15, 90,
              lambda: [PY, "benchmarks/dali_carry.py", "install", "--pieces", dali_dirs, "--target", DALI_SITE,
                       "--json", j("dali_install")],
+             lambda: [PY, "benchmarks/dali_carry.py", "install", "--pieces", dali_dirs, "--target", DALI_SITE,
+                      "--verify-only", "--json", j("dali_install")],
              result=j("dali_install"), when=lambda: None if _dali_carried(args) else "DALI not carried"),
-        Part("tests_bf16", "GPU correctness, bf16, Triton and CUDA backends vs float64 eager (pytest)", 35, 20, 150,
+        Part("tests_bf16", "GPU correctness: bf16 and bf16 masks, Triton and CUDA backends vs float64 eager (pytest)", 50, 20, 150,
              lambda: _pytest(BF16_TESTS, x("tests_bf16")), result=x("tests_bf16")),
         Part("step_eager", "training step, eager: Ti and S, plain vs DBC (auto ops), fused AdamW", 45, 25, 150,
              lambda: _bench("bench_step.py", "--archs", "Ti,S", "--variants", "plain,dbc-auto", "--opt", "fused",
@@ -144,7 +148,7 @@ def parts_for(args) -> list:
              lambda: _bench("bench_step.py", "--archs", "Ti", "--variants", "dbc-auto,plain", "--compile", "default",
                             "--compile-backend", "eager", *STEP_TOY, "--out", j("step_compile_ti")),
              result=j("step_compile_ti")),
-        Part("tests_other", "GPU correctness, fp32 and fp16, both backends (pytest)", 35, 20, 150,
+        Part("tests_other", "GPU correctness, fp32 and fp16, both backends (pytest)", 60, 20, 150,
              lambda: _pytest(OTHER_TESTS, x("tests_other")), result=x("tests_other")),
         Part("inference", "inference: eager vs TorchScript, batch 1 and 64", 40, 25, 150,
              lambda: _bench("bench_inference.py", "--device", "cuda", "--variants", "eager,torchscript",
@@ -240,7 +244,7 @@ def run_part(part, args, deadline, log) -> dict:
         _say(log, f"=== {part.name}: skipped ({rec['note']})")
         return rec
     argv = (part.dry if args.dry_run else part.gpu)()
-    limit = max(1, min(part.limit_s, int(left)))
+    limit = max(1, min(part.limit_s * (2 if args.dry_run else 1), int(left)))  # the dry run's CPU is slower
     rec.update(command=" ".join(shlex.quote(a) for a in argv), limit_applied_s=limit)
     _say(log, f"=== {part.name} (t={args.elapsed():.0f} s, limit {limit} s): {part.what}\n$ {rec['command']}")
     start = time.monotonic()
@@ -313,8 +317,10 @@ def junit_summary(path) -> dict:
                 out["skip_reasons"].append(reason)
         else:
             out["passed"] += 1
-    out["passed_names"] = [f"{c.get('name')}" for c in root.iter("testcase")
+    cases = list(root.iter("testcase"))
+    out["passed_names"] = [c.get("name") for c in cases
                            if c.find("failure") is None and c.find("error") is None and c.find("skipped") is None]
+    out["skipped_names"] = [c.get("name") for c in cases if c.find("skipped") is not None]
     return out
 
 
@@ -608,7 +614,8 @@ def _git_commit():
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=int, default=480, help="seconds for all parts together (default 480)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="seconds for all parts together (default 480; dry run 1200: CPUs are slower)")
     p.add_argument("--parts", default=None, help="comma list of parts to run (default all, in priority order)")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else /tmp/gpu_suite_out)")
     p.add_argument("--dali-parts", default="/tmp/dali_parts",
@@ -626,6 +633,8 @@ def main(argv=None) -> int:
     if args.build_dbc_infer:
         return build_dbc_infer(args.build_dbc_infer, args.dry_run)
 
+    if args.budget is None:
+        args.budget = 1200 if args.dry_run else 480
     out_dir = args.out or os.environ.get("OUT") or "/tmp/gpu_suite_out"
     os.makedirs(out_dir, exist_ok=True)
     args.work = tempfile.mkdtemp(prefix="gpu_suite_work_")  # the parts' own JSON, gathered into summary.json

@@ -200,6 +200,23 @@ def default_split(dataset: str) -> str:
     return "val" if dataset in ("tiny-imagenet", "voc-seg") else "test"
 
 
+def check_classes(data_names, config: dict, data: str, checkpoint: str) -> None:
+    """The data's classes must be the checkpoint's, in the same order (by name, not only by count): class i
+    of the model is class i of the labels, or every metric is silently wrong."""
+    data_names = list(data_names)
+    if len(data_names) != config["num_classes"]:
+        raise SystemExit(f"{data} has {len(data_names)} classes but {checkpoint} was trained for "
+                         f"{config['num_classes']}")
+    trained = config.get("class_names")
+    if trained is None:  # a checkpoint without names: only the count can be checked
+        return
+    if list(trained) != data_names:
+        i = next(i for i, (a, b) in enumerate(zip(trained, data_names)) if a != b)
+        how = "in another order" if sorted(trained) == sorted(data_names) else "with other names"
+        raise SystemExit(f"{data} has the classes of {checkpoint} {how}: class {i} is {data_names[i]!r} in the "
+                         f"data but {trained[i]!r} in the checkpoint")
+
+
 def main(args) -> int:
     from ..data import build_dataset
     from ..data.loader import build_loader
@@ -219,9 +236,7 @@ def main(args) -> int:
     dataset = _limit(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
                                    missing_images=args.missing_images, **dataset_options(args)),
                      args.limit_images)
-    if dataset.num_classes != config["num_classes"]:
-        raise SystemExit(f"{args.data} has {dataset.num_classes} classes but {args.checkpoint} was trained "
-                         f"for {config['num_classes']}")
+    check_classes(dataset.class_names, config, args.data, args.checkpoint)
     loader_name = args.loader
     if any(getattr(s, "mask", None) for s in dataset.samples):  # masks come through the torch loader only
         if loader_name == "dali":
