@@ -1,4 +1,4 @@
-"""`dbc-fast` (also `python -m dbc_fast`): train, eval, predict, export, bench-loader.
+"""`dbc-fast` (also `python -m dbc_fast`): train, eval, predict, export, bench-loader, profile.
 
 Every subcommand lives in its own module with `add_arguments(parser)` and `main(args) -> int`. A module
 that cannot be imported (e.g. an optional part not installed) only fails when its subcommand is used.
@@ -19,6 +19,7 @@ COMMANDS = {
     "predict": ("dbc_fast.engine.predict", "classes and boxes for image files, optionally drawn"),
     "export": ("dbc_fast.export", "export a checkpoint to TorchScript / torch.export (AOTInductor)"),
     "bench-loader": ("dbc_fast.data.bench_loader", "measure data loader throughput (torch vs DALI)"),
+    "profile": ("dbc_fast.engine.profile", "parameters, MACs, inference memory and epoch time (paper Table 10)"),
 }
 
 

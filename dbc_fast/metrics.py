@@ -25,8 +25,8 @@ from typing import Iterable, Sequence
 import cv2
 import numpy as np
 
-__all__ = ["BoxEvaluator", "LocalizationEvaluator", "MaskEvaluator", "extract_boxes", "iou_matrix", "normalize_map", "prepare_map",
-           "resize_map", "cam_threshold_grid"]
+__all__ = ["BoxEvaluator", "LocalizationEvaluator", "MaskEvaluator", "extract_boxes", "iou_matrix", "normalize_map",
+           "prepare_map", "resize_map", "cam_threshold_grid"]
 
 
 def _to_numpy(x) -> np.ndarray:

@@ -143,4 +143,4 @@ def test_missing_required_options_and_unknown_command(capsys):
     with pytest.raises(SystemExit):
         main(["fly"])
     assert "unknown command 'fly'" in capsys.readouterr().err
-    assert set(COMMANDS) == {"train", "eval", "predict", "export", "bench-loader"}
+    assert set(COMMANDS) == {"train", "eval", "predict", "export", "bench-loader", "profile"}

@@ -208,10 +208,10 @@ def build_dataset(name: str, root: str | os.PathLike, split: str, img_size: int 
     (voc-seg) also carry "mask" [S, S] uint8 (see load_mask).
     Options: metadata (wsolevaluation metadata folder: cub and ilsvrc), class_list (a class-order file:
     ilsvrc, folder; voc-seg: the names of mask ids 1..N, else VOC's 20), val_boxes / boxes (ilsvrc val:
-    LOC_val_solution.csv or a folder of XML files; folder: a CSV file or an XML folder), check_files (every listed image must exist; not needed for folders that
-    are listed from disk), missing_images ("error": a listed image that does not exist is an error; "skip":
-    such samples are left out with a warning, e.g. to evaluate the ILSVRC images you have against the full
-    wsolevaluation metadata), on_corrupt ("error": an unreadable image raises DatasetError; "skip": dataset[i]
+    LOC_val_solution.csv or a folder of XML files; folder: a CSV file or an XML folder), check_files (every
+    listed image must exist; not needed for folders that are listed from disk), missing_images ("error": a
+    listed image that does not exist is an error; "skip": such samples are left out with a warning, e.g. to
+    evaluate the ILSVRC images you have against the full wsolevaluation metadata), on_corrupt ("error": an unreadable image raises DatasetError; "skip": dataset[i]
     returns a SkippedSample, which `collate` drops and reports in batch["skipped"]).
     """
     name = name.lower().replace("_", "-")
