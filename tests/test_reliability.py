@@ -94,3 +94,45 @@ def test_training_checkpoints_hold_only_tensors_and_plain_types(shared_data, tmp
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(load_checkpoint(str(out / "last.pt"))["rng"][0])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+# ------------------------------------------------------------------------------------------- identity
+
+
+def copy_mini(shared_data, tmp_path):
+    from test_engine import copy_tiny_imagenet
+
+    return copy_tiny_imagenet(shared_data, tmp_path)
+
+
+def test_eval_refuses_data_whose_classes_differ_from_the_checkpoint_by_name(shared_data, tmp_path, monkeypatch):
+    use_stand_in(monkeypatch)
+    run = tmp_path / "run"
+    assert cli_main(common_args(mini(shared_data), run, "--epochs", "1", "--max-steps-per-epoch", "1",
+                                "--val-split", "none")) == 0
+    data = copy_mini(shared_data, tmp_path)
+    wnids = (data / "wnids.txt").read_text().split()
+    (data / "wnids.txt").write_text("\n".join([wnids[1], wnids[0], *wnids[2:]]) + "\n")  # same classes, other order
+
+    def evaluate(folder):
+        return cli_main(["eval", "--dataset", "tiny-imagenet", "--data", str(folder), "--checkpoint",
+                         str(run / "last.pt"), "--img-size", "32", "--device", "cpu", "--num-workers", "0",
+                         "--limit-images", "4", "--no-progress", "--no-maxboxacc", "--out", str(tmp_path / "eval")])
+
+    with pytest.raises(SystemExit, match=f"in another order: class 0 is '{wnids[1]}' in the data but "
+                                         f"'{wnids[0]}' in the checkpoint"):
+        evaluate(data)
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    assert evaluate(mini(shared_data)) == 0  # the training data's own order is accepted
+
+
+def test_duplicate_annotation_line_stops_the_build_naming_file_and_line(shared_data, tmp_path):
+    from dbc_fast.data import DatasetError, build_dataset
+
+    data = copy_mini(shared_data, tmp_path)
+    annotations = data / "val" / "val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    annotations.write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(DatasetError, match=rf"val_annotations.txt, line {len(lines) + 1}: image .* is listed "
+                                           rf"twice \(first at .*val_annotations.txt, line 3\)"):
+        build_dataset("tiny-imagenet", data, "val", img_size=32)

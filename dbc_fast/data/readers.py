@@ -139,8 +139,19 @@ def check_labels(result: ReadResult, num_classes: int) -> None:
 
 
 def require_samples(result: ReadResult, what: str, where) -> ReadResult:
+    """A split's samples: at least one, and each image listed once (a repeated line would count an image
+    twice in training and in the metrics); the error names the repeated line."""
     if not result.samples:
         raise DatasetError(f"empty split: no images found for {what}", where)
+    first: dict[str, tuple] = {}
+    for sample, origin in zip(result.samples, result.origins or [(None, None)] * len(result.samples)):
+        if sample.path in first:
+            src, line = origin
+            before = first[sample.path]
+            earlier = f" (first at {before[0]}, line {before[1]})" if before[1] is not None else ""
+            raise DatasetError(f"image {sample.path} is listed twice{earlier}", src if src is not None else where,
+                               line)
+        first[sample.path] = origin
     return result
 
 
@@ -206,6 +217,8 @@ def read_wsol_metadata(meta: Path, image_root: Path) -> ReadResult:
         label = _int(label, f, line, "label")
         if label < 0:
             raise DatasetError(f"label {label} is negative", f, line)
+        if image_id in labels:
+            raise DatasetError(f"image id {image_id!r} listed twice (first on line {labels[image_id][1]})", f, line)
         labels[known(image_id, f, line)] = (label, line)
     sizes: dict[str, tuple[int, int]] = {}
     f = meta / "image_sizes.txt"
@@ -215,6 +228,8 @@ def read_wsol_metadata(meta: Path, image_root: Path) -> ReadResult:
             w, h = _int(w, f, line, "width"), _int(h, f, line, "height")
             if w <= 0 or h <= 0:
                 raise DatasetError(f"image size {w}x{h} is not positive", f, line)
+            if image_id in sizes:
+                raise DatasetError(f"image id {image_id!r} listed twice", f, line)
             sizes[known(image_id, f, line)] = (w, h)
     result = ReadResult([], [])
     boxes: dict[str, list] = {}
