@@ -121,6 +121,12 @@ class DBCModel(nn.Module):
             from .pretrained import load_pretrained
             load_pretrained(self, opts["pretrained"])
 
+    def no_weight_decay(self) -> set:
+        """Parameter names timm's optimizer factory (create_optimizer_v2) keeps out of weight decay, besides the
+        1-d ones (biases, norms) it leaves out itself: the backbone's class token, as official Conformer (which
+        has no position embedding) and TS-CAM (class token and position embedding) do."""
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
     def _fstar_channels(self, block: int) -> int:
         cnn = self.backbone.conv_1 if block == 1 else getattr(self.backbone, f"conv_trans_{block}").fusion_block
         return cnn.conv3.out_channels
