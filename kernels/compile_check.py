@@ -43,12 +43,12 @@ def _variants(quick=False):
                 const = {"CROSS": cross, "BLOCK": block, "BLOCK_K": 64, "ACC": acc, "PREC": prec, "UPCAST": False}
                 out.append((f"loss_fwd[{dt},cross={cross},{block}]", ct._losses_fwd_kernel,
                             {**xs, **strides, "partial_ptr": f"*{accs}", "n": "i32", "C": "i32", "T": "i32",
-                             "eps": "fp32"}, const))
+                             "eps_ptr": f"*{accs}"}, const))
                 out.append((f"loss_bwd_weights[{dt},cross={cross},{block}]", ct._losses_bwd_weights_kernel,
                             {**xs, **strides, "g0_ptr": f"*{accs}", "g1_ptr": f"*{accs}", "g2_ptr": f"*{accs}",
                              "w_ptr": f"*{accs}", "r_ptr": f"*{accs}", "norm_ptr": f"*{accs}",
                              "wpos_ptr": f"*{accs}", "rpos_ptr": f"*{accs}", "n": "i32", "C": "i32", "RT": "i32",
-                             "eps": "fp32"}, const))
+                             "eps_ptr": f"*{accs}"}, const))
                 out.append((f"loss_bwd_grads[{dt},cross={cross},{block}]", ct._losses_bwd_grads_kernel,
                             {**xs, **strides, **{f"d{x}_ptr": f"*{dt}" for x in ("fc", "bc", "ft", "bt")},
                              "w_ptr": f"*{accs}", "r_ptr": f"*{accs}", "norm_ptr": f"*{accs}",

@@ -114,12 +114,13 @@ def _diag_loss(a_ptr, sa, b_ptr, sb, t, n, C, eps, positive, BLOCK: tl.constexpr
 
 
 @triton.jit(do_not_specialize=["s_fc", "s_bc", "s_ft", "s_bt"])
-def _losses_fwd_kernel(fc_ptr, bc_ptr, ft_ptr, bt_ptr, s_fc, s_bc, s_ft, s_bt, partial_ptr, n, C, T, eps,
+def _losses_fwd_kernel(fc_ptr, bc_ptr, ft_ptr, bt_ptr, s_fc, s_bc, s_ft, s_bt, partial_ptr, n, C, T, eps_ptr,
                        CROSS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
                        PREC: tl.constexpr, UPCAST: tl.constexpr):
     # Program (t, branch): branch 0 = (fc, bc) negatives, 1 = (ft, bt) negatives, 2 = (fc, ft) positives.
     t = tl.program_id(0)
     branch = tl.program_id(1)
+    eps = tl.load(eps_ptr)
     a_ptr = _pick(branch, fc_ptr, ft_ptr, fc_ptr, fc_ptr)
     sa = _pick(branch, s_fc, s_ft, s_fc, s_fc)
     b_ptr = _pick(branch, bc_ptr, bt_ptr, ft_ptr, ft_ptr)
@@ -182,7 +183,7 @@ def _diag_weights(a_ptr, sa, b_ptr, sb, t, branch, g, w_ptr, r_ptr, norm_ptr, wp
 
 @triton.jit(do_not_specialize=["s_fc", "s_bc", "s_ft", "s_bt"])
 def _losses_bwd_weights_kernel(fc_ptr, bc_ptr, ft_ptr, bt_ptr, s_fc, s_bc, s_ft, s_bt, g0_ptr, g1_ptr, g2_ptr,
-                               w_ptr, r_ptr, norm_ptr, wpos_ptr, rpos_ptr, n, C, RT, eps,
+                               w_ptr, r_ptr, norm_ptr, wpos_ptr, rpos_ptr, n, C, RT, eps_ptr,
                                CROSS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
                                PREC: tl.constexpr, UPCAST: tl.constexpr):
     # Writes, per branch: W = dL/dcos (cross: [n, n]; within: its diagonal [n]), partial row/column sums of
@@ -195,6 +196,7 @@ def _losses_bwd_weights_kernel(fc_ptr, bc_ptr, ft_ptr, bt_ptr, s_fc, s_bc, s_ft,
     b_ptr = _pick(branch, bc_ptr, bt_ptr, ft_ptr, ft_ptr)
     sb = _pick(branch, s_bc, s_bt, s_ft, s_ft)
     g = tl.load(_pick(branch, g0_ptr, g1_ptr, g2_ptr, g2_ptr)).to(ACC)
+    eps = tl.load(eps_ptr)
     if CROSS:
         is_tile = branch < 2
     else:
@@ -309,6 +311,12 @@ def _row_stride(x):
     return x.stride(0) if x.shape[0] > 1 else x.shape[1]
 
 
+def _clamp_eps(eps, dtype, device):
+    # A Python float reaches a Triton kernel as fp32 (and 1 - eps is then rounded in fp32: 5.8e-7 off in an fp64
+    # loss); a one-element tensor of the arithmetic's dtype carries eps exactly. torch.full: no host-device copy.
+    return torch.full((1,), eps, dtype=dtype, device=device)
+
+
 def contrastive_losses_forward(fc, bc, ft, bt, cross: bool, eps: float):
     fc, bc, ft, bt = xs = _prepare([fc, bc, ft, bt])
     n, C = fc.shape
@@ -318,7 +326,8 @@ def contrastive_losses_forward(fc, bc, ft, bt, cross: bool, eps: float):
     tiles = triton.cdiv(n, block)
     T = tiles * tiles if cross else tiles
     partial = torch.empty((3, T), dtype=registration.loss_dtype(fc), device=fc.device)
-    _losses_fwd_kernel[(T, 3)](*xs, *(_row_stride(x) for x in xs), partial, n, C, T, float(eps), CROSS=cross,
+    _losses_fwd_kernel[(T, 3)](*xs, *(_row_stride(x) for x in xs), partial, n, C, T,
+                               _clamp_eps(eps, partial.dtype, fc.device), CROSS=cross,
                                BLOCK=block, BLOCK_K=64, ACC=acc, PREC=prec, UPCAST=upcast)
     losses = tuple(torch.empty((), dtype=partial.dtype, device=fc.device) for _ in range(3))
     _sum_partials_kernel[(3,)](partial, *losses, T, BLOCK_T=max(16, min(1024, triton.next_power_of_2(T))))
@@ -342,7 +351,8 @@ def contrastive_losses_backward(g_neg_c, g_neg_t, g_pos, fc, bc, ft, bt, cross: 
     rpos = torch.empty((n,), dtype=acc_t, device=dev)
     grads_in = [g.reshape(()).to(acc_t) for g in (g_neg_c, g_neg_t, g_pos)]
     strides = [_row_stride(x) for x in xs]
-    _losses_bwd_weights_kernel[(T, 3)](*xs, *strides, *grads_in, w, r, norms, wpos, rpos, n, C, RT, float(eps),
+    _losses_bwd_weights_kernel[(T, 3)](*xs, *strides, *grads_in, w, r, norms, wpos, rpos, n, C, RT,
+                                       _clamp_eps(eps, acc_t, dev),
                                        CROSS=cross, BLOCK=block, BLOCK_K=64, ACC=acc, PREC=prec, UPCAST=upcast)
     outs = [torch.empty((n, C), dtype=fc.dtype, device=dev) for _ in range(4)]
     block_c = min(64, max(16, triton.next_power_of_2(C)))
