@@ -113,11 +113,15 @@ def main(argv=None) -> int:
     from .data.dali import DALIUnavailableError
     from .engine.checkpoint import CheckpointError
 
+    args.command_line = argv  # e.g. for the exact resume command a stopped training prints
     try:
         return int(module.main(args) or 0)
     except (DatasetError, CheckpointError, DALIUnavailableError) as e:  # bad input: the message names the file; no traceback needed
         print(f"dbc-fast {argv[0]}: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a training step (train saves and says how to resume)
+        print(f"dbc-fast {argv[0]}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

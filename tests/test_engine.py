@@ -70,16 +70,27 @@ def test_resume_after_kill_mid_epoch_matches_uninterrupted_run(shared_data, tmp_
     assert sorted(p.name for p in killed.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
 
 
+class NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 class StandInModel(nn.Module):
     """The model interface (dict of logits, maps and losses) in a few parameters; loss NaN on demand."""
 
-    def __init__(self, arch, num_classes, method="dbc", nan_at_call=None, **options):
+    def __init__(self, arch, num_classes, method="dbc", nan_at_call=None, nan_grad_at_call=None, **options):
         super().__init__()
         self.arch, self.num_classes, self.method = arch, num_classes, method
         self.options = dict(options)
         self.conv = nn.Conv2d(3, 8, 3, stride=16, padding=1)
         self.head = nn.Linear(8, num_classes)
         self.nan_at_call = nan_at_call
+        self.nan_grad_at_call = nan_grad_at_call  # a finite loss whose gradient is NaN: the update breaks the weights
         self.calls = 0
 
     def forward(self, images, labels=None, map_classes=None):
@@ -92,6 +103,8 @@ class StandInModel(nn.Module):
             loss = F.cross_entropy(logits, labels)
             if self.calls == self.nan_at_call:
                 loss = loss * float("nan")
+            if self.calls == self.nan_grad_at_call:
+                loss = NaNGradient.apply(loss)
             zero = loss.new_zeros(())
             out.update(loss=loss, loss_cla=loss, loss_neg=zero, loss_pos=zero)
         return out

@@ -136,3 +136,160 @@ def test_duplicate_annotation_line_stops_the_build_naming_file_and_line(shared_d
     with pytest.raises(DatasetError, match=rf"val_annotations.txt, line {len(lines) + 1}: image .* is listed "
                                            rf"twice \(first at .*val_annotations.txt, line 3\)"):
         build_dataset("tiny-imagenet", data, "val", img_size=32)
+
+
+# ----------------------------------------------------------------------------------- locking / overwrite
+
+
+def test_a_locked_run_folder_refuses_a_second_training(shared_data, tmp_path, monkeypatch):
+    from dbc_fast.engine.train import lock_run_dir
+
+    use_stand_in(monkeypatch)
+    out = tmp_path / "run"
+    out.mkdir()
+    held = lock_run_dir(str(out))  # a training writing to this folder holds this lock
+    try:
+        with pytest.raises(SystemExit, match="another training is writing to this folder"):
+            stand_in_run(shared_data, out)
+        assert sorted(p.name for p in out.iterdir()) == []  # nothing written, nothing interleaved
+    finally:
+        os.close(held)
+    assert stand_in_run(shared_data, out) == 0  # released: the folder is free again
+
+
+def test_a_finished_run_is_not_replaced_without_resume_or_overwrite(shared_data, tmp_path, monkeypatch):
+    use_stand_in(monkeypatch)
+    out = tmp_path / "run"
+    assert stand_in_run(shared_data, out, "--seed", "1") == 0
+    best = (out / "best.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"already holds a run \(last.pt, best.pt, metrics.jsonl\): pass --resume"):
+        stand_in_run(shared_data, out, "--seed", "2")
+    assert (out / "best.pt").read_bytes() == best
+    with pytest.raises(SystemExit, match="pass one of them"):
+        stand_in_run(shared_data, out, "--resume", "--overwrite")
+    assert stand_in_run(shared_data, out, "--seed", "2", "--overwrite") == 0
+    assert (out / "best.pt").read_bytes() != best
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]  # only the new run's epochs
+
+
+# -------------------------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_saves_at_the_step_reached_and_prints_the_resume_command(signame, code, shared_data, tmp_path,
+                                                                        monkeypatch, capsys):
+    use_stand_in(monkeypatch)
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    settings = ["--epochs", "2", "--max-steps-per-epoch", "3", "--val-split", "none", "--log-every", "5"]
+    assert cli_main(common_args(mini(shared_data), full, *settings)) == 0
+    capsys.readouterr()
+    # the signal arrives after the 4th step: epoch 2, step 1
+    rc = cli_main(common_args(mini(shared_data), stopped, *settings, "--debug-signal-after-steps", "4",
+                              "--debug-signal", signame))
+    assert rc == code
+    printed = capsys.readouterr().out
+    assert f"{signame}: stopped at epoch 2, step 1 (global step 4); saved {stopped / 'last.pt'}" in printed
+    command = printed.split("Resume with:\n")[1].strip().splitlines()[0]
+    state = torch.load(stopped / "last.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 1, 4)
+    tokens = shlex.split(command)
+    assert tokens[0] == "dbc-fast" and tokens[-1] == "--resume" and "--debug-signal-after-steps" not in tokens
+    assert cli_main(tokens[1:]) == 0  # the printed command finishes the run ...
+    a = torch.load(full / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(stopped / "last.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # ... as if never stopped
+    assert [r["train"] for r in read_jsonl(full / "metrics.jsonl")] == \
+        [r["train"] for r in read_jsonl(stopped / "metrics.jsonl")]
+
+
+def write_broken_image(path, keep_header: bool):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2] if keep_header else b"not an image")  # half a JPEG: opens, fails to decode
+
+
+def test_unreadable_validation_image_is_found_before_training(shared_data, tmp_path, monkeypatch, capsys):
+    from dbc_fast.data import build_dataset
+
+    use_stand_in(monkeypatch)
+    data = copy_mini(shared_data, tmp_path)
+    bad = build_dataset("tiny-imagenet", data, "val", img_size=32).samples[1].path
+    write_broken_image(bad, keep_header=False)
+    out = tmp_path / "run"
+    rc = cli_main(common_args(data, out, "--epochs", "1", "--max-steps-per-epoch", "1", "--limit-val-images", "4"))
+    assert rc == 1
+    assert f"{bad}: val (validation) image cannot be read: UnidentifiedImageError" in capsys.readouterr().err
+    assert not (out / "last.pt").exists()
+
+
+def test_validation_failing_mid_run_keeps_the_trained_epoch(shared_data, tmp_path, monkeypatch, capsys):
+    from dbc_fast.data import build_dataset
+
+    use_stand_in(monkeypatch)
+    data = copy_mini(shared_data, tmp_path)
+    bad = build_dataset("tiny-imagenet", data, "val", img_size=32).samples[1].path
+    write_broken_image(bad, keep_header=True)  # passes the up-front check, fails when decoded
+    out = tmp_path / "run"
+    rc = cli_main(common_args(data, out, "--epochs", "2", "--max-steps-per-epoch", "2", "--limit-val-images", "4"))
+    assert rc == 1 and os.path.basename(bad) in capsys.readouterr().err
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 0, 2)
+
+
+# ---------------------------------------------------------------------------------- resume with changes
+
+
+def test_resume_with_new_epochs_and_lr_follows_the_new_schedule_from_the_restored_step(shared_data, tmp_path,
+                                                                                      monkeypatch, capsys):
+    use_stand_in(monkeypatch)
+    short, extended, fresh = tmp_path / "short", tmp_path / "extended", tmp_path / "fresh"
+    assert stand_in_run(shared_data, short) == 0
+    os.rename(short, extended)  # a finished 2-epoch run at 5e-4, extended to 4 epochs at 1e-3
+    assert cli_main(common_args(mini(shared_data), extended, "--epochs", "4", "--max-steps-per-epoch", "2",
+                                "--val-split", "none", "--lr", "1e-3", "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "--epochs 4 (was 2), --lr 0.001 (was 0.0005)" in out and "recomputed" in out
+    assert cli_main(common_args(mini(shared_data), fresh, "--epochs", "4", "--max-steps-per-epoch", "2",
+                                "--val-split", "none", "--lr", "1e-3")) == 0
+    lr_extended = [r["lr"] for r in read_jsonl(extended / "metrics.jsonl")]
+    lr_fresh = [r["lr"] for r in read_jsonl(fresh / "metrics.jsonl")]
+    assert lr_extended[2:] == lr_fresh[2:]  # epochs 3-4 at the new schedule's LR for their steps
+    assert min(lr_extended[2:]) > 1e-5  # not stuck at the old schedule's minimum
+
+
+def test_resume_with_another_arch_is_one_line_naming_both(shared_data, tmp_path, monkeypatch):
+    use_stand_in(monkeypatch)
+    out = tmp_path / "run"
+    assert stand_in_run(shared_data, out) == 0
+    with pytest.raises(SystemExit) as e:
+        stand_in_run(shared_data, out, "--epochs", "3", "--arch", "conformer_small_patch16", "--resume")
+    message = str(e.value)
+    assert "conformer_tiny_patch16/dbc" in message and "--arch conformer_small_patch16" in message
+    assert len(message.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------ NaN
+
+
+@pytest.mark.parametrize("save_every", ["0", "1"])
+def test_nan_stop_names_an_existing_checkpoint_with_finite_weights(save_every, shared_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    # Call 3 (epoch 2, step 1) has a finite loss but a NaN gradient: the update breaks the weights; the NaN shows
+    # at the next loss check (or at the next checkpoint, whose weights are checked before writing).
+    use_stand_in(monkeypatch, nan_grad_at_call=3)
+    out = tmp_path / "run"
+    rc = stand_in_run(shared_data, out, "--epochs", "3", "--save-every-steps", save_every)
+    assert rc == 3
+    err = capsys.readouterr().err
+    named = err.split("the last good checkpoint is ")[1].split(" ")[0]
+    assert named == str(out / "last.pt")
+    state = torch.load(named, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_before_any_checkpoint_says_there_is_none(shared_data, tmp_path, monkeypatch, capsys):
+    use_stand_in(monkeypatch, nan_at_call=1)
+    out = tmp_path / "run"
+    assert stand_in_run(shared_data, out) == 3
+    assert "no checkpoint was written yet, so there is nothing to resume" in capsys.readouterr().err
+    assert not (out / "last.pt").exists()

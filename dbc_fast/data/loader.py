@@ -13,6 +13,7 @@ pass); in evaluation it stops the run with a DatasetError that names the file.
 from __future__ import annotations
 
 import random
+import signal
 import zlib
 
 import numpy as np
@@ -117,6 +118,31 @@ def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # Ctrl-C reaches the whole process group: workers keep serving batches while the main process stops
+    # at a step boundary and saves (a worker killed by the signal would end the run with a worker error).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def check_images_open(dataset, what: str) -> None:
+    """Every image file of `dataset` exists and opens as an image (its header is read, nothing is decoded),
+    so a missing or non-image file stops a run before training rather than at the first validation. A file
+    that opens but fails to decode is still found when it is read."""
+    from PIL import Image
+
+    from .errors import DatasetError
+
+    bad = []
+    for sample in dataset.samples:
+        try:
+            with Image.open(sample.path) as im:
+                im.size
+        except Exception as e:  # PIL raises several types for unreadable files
+            reason = str(e).replace(f" '{sample.path}'", "").replace(str(sample.path), "the file")
+            bad.append((sample.path, f"{type(e).__name__}: {reason}"))
+    if bad:
+        more = f" ({len(bad)} of {len(dataset.samples)} {what} images cannot be read)" if len(bad) > 1 else ""
+        raise DatasetError(f"{what} image cannot be read: {bad[0][1]}{more}", bad[0][0])
 
 
 class TorchLoader:

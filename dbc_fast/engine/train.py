@@ -7,6 +7,11 @@ Files in --out (RUN_DIR), written by rank 0 only:
   best.pt        the epoch with the best validation Top-1 Loc (of the final map M)
   metrics.jsonl  one JSON line per epoch (train losses, LR, images/s, skipped images, validation metrics)
   config.json    the resolved options of the run
+
+One training at a time per RUN_DIR: the folder is locked (flock) while a run writes to it, and a new run
+into a folder that already holds a run's checkpoints or metrics is refused unless --resume continues it or
+--overwrite replaces it. SIGINT (Ctrl-C) / SIGTERM stop at the next step with a resumable last.pt at the
+step reached and print the exact command that resumes it (exit 130 / 143).
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 
@@ -124,7 +131,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run directory for checkpoints and logs (required)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="FILE",
-                   help="resume from FILE, or (no value) from RUN_DIR/last.pt if it exists")
+                   help="resume from FILE, or (no value) from RUN_DIR/last.pt if it exists; a changed --epochs, "
+                        "--lr or other schedule option gives the new schedule, continued from the restored step")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that already holds one, deleting its checkpoints and metrics")
     g.add_argument("--save-every-steps", type=int, default=0,
                    help="also write last.pt every N steps inside an epoch (0 = only at epoch ends)")
     g.add_argument("--cam-threshold", type=float, default=0.2,
@@ -134,6 +144,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DistributedDataParallel(find_unused_parameters=True), for methods with unused parameters")
     # Test hook: hard-exit (as if killed) right after this many optimizer steps and the checkpoint they write.
     g.add_argument("--debug-kill-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    # Test hook: send this process --debug-signal (SIGINT, the Ctrl-C path) right after this many optimizer steps.
+    g.add_argument("--debug-signal-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--debug-signal", choices=("SIGINT", "SIGTERM"), default="SIGINT", help=argparse.SUPPRESS)
 
 
 REQUIRED = ("dataset", "data", "out")
@@ -221,6 +234,7 @@ def dataset_options(args) -> dict:
 
 def build_datasets(args):
     from ..data import build_dataset
+    from ..data.loader import check_images_open
 
     train_set = _limit(build_dataset(args.dataset, args.data, "train", img_size=args.img_size, train=True,
                                      on_corrupt="skip", **dataset_options(args)),
@@ -232,6 +246,7 @@ def build_datasets(args):
     if split is not None:
         val_set = _limit(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
                                        **dataset_options(args)), args.limit_val_images)
+        check_images_open(val_set, f"{split} (validation)")
     return train_set, val_set, split
 
 
@@ -307,6 +322,154 @@ def _tensorboard(out: str):
     return SummaryWriter(os.path.join(out, "tb"))
 
 
+# ---------------------------------------------------------------------------------------------- the run folder
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run leaves in RUN_DIR (config.json aside)
+
+
+def lock_run_dir(out: str) -> int:
+    """An exclusive lock on the folder itself (flock on its descriptor, released when the process ends):
+    a second training into the same --out stops at once instead of interleaving checkpoints and metrics."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit(f"--out {out}: another training is writing to this folder; wait for it to end or "
+                         f"choose another --out")
+    return fd
+
+
+def claim_run_dir(out: str, resuming: bool, overwrite: bool) -> None:
+    """A folder holding a run is only reused to continue it (--resume) or on purpose (--overwrite, which
+    deletes the previous run's checkpoints and metrics so nothing of it is mixed into the new run)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if not found or resuming:
+        return
+    if not overwrite:
+        raise SystemExit(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                         f"--overwrite to replace it, or choose another --out")
+    for name in found:
+        os.remove(os.path.join(out, name))
+    _say(f"--overwrite: removed the previous run's {', '.join(found)} from {out}")
+
+
+def trim_metrics(path: str, epochs_done: int) -> None:
+    """Drops metrics.jsonl lines of epochs after the checkpoint a run resumes from (they will be redone)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs_done]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def resume_command(args) -> str:
+    """The command line that continues this run from RUN_DIR/last.pt: the same options, with a bare
+    --resume (and without --overwrite or the test hooks)."""
+    argv = list(getattr(args, "command_line", None) or [])
+    if not argv:
+        return "the same command with --resume"
+    kept, i = [], 0
+    drop_value = {"--debug-kill-after-steps", "--debug-signal-after-steps"}
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        if name in ("--overwrite",) or (name in drop_value | {"--resume"} and "=" in token):
+            i += 1
+            continue
+        if token in drop_value or (token == "--resume" and args.resume not in (None, "auto")
+                                   and i + 1 < len(argv) and argv[i + 1] == args.resume):
+            i += 2
+            continue
+        if token == "--resume":
+            i += 1
+            continue
+        kept.append(token)
+        i += 1
+    launcher = "torchrun ... -m dbc_fast" if dist_utils.world_size() > 1 else "dbc-fast"
+    return f"{launcher} {shlex.join(kept + ['--resume'])}"
+
+
+class StopRequest:
+    """SIGINT / SIGTERM handlers that only record the signal: the loop stops at the next step boundary with
+    a checkpoint. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        _say(f"\n{signal.Signals(signum).name}: stopping after this step and saving a resumable checkpoint "
+             f"(Ctrl-C again to stop at once, without saving)")
+
+    def install(self) -> "StopRequest":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+
+SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "sched", "decay_epochs", "decay_rate", "warmup_epochs", "warmup_lr")
+
+
+def _differs(old, new) -> bool:
+    return ckpt_lib.plain(old) != ckpt_lib.plain(new)
+
+
+def _changes(keys, old: dict, args) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (was {old[k]})" for k in keys)
+
+
+def _schedule_changed(fresh: dict, saved: dict) -> bool:
+    """The scheduler built from this run's options differs from the checkpoint's (a new --epochs, --lr, ...)."""
+    return ckpt_lib.plain(fresh) != ckpt_lib.plain(saved)
+
+
+def check_resume_identity(state: dict, args, path: str) -> None:
+    """A checkpoint resumes only the model it holds: another --arch / --method is one line naming both."""
+    config = state["config"]
+    for key in ("arch", "method"):
+        if config.get(key) != getattr(args, key):
+            raise SystemExit(f"--resume {path}: the checkpoint is a {config.get('arch')}/{config.get('method')} "
+                             f"model but this run asks for --arch {args.arch} --method {args.method}; resume with "
+                             f"its --arch/--method, or start a new run (another --out, or --overwrite)")
+
+
+def apply_optimizer_options(optimizer, args, old: dict) -> None:
+    """AdamW's eps, betas and weight decay from this run's options (a restored optimizer would keep the old
+    ones silently); groups without decay (biases, norms) keep 0."""
+    for group in optimizer.param_groups:
+        group["eps"] = args.opt_eps
+        group["betas"] = tuple(args.betas)
+        if group.get("weight_decay"):
+            group["weight_decay"] = args.weight_decay
+    changed = [k for k in ("weight_decay", "opt_eps", "betas") if k in old and _differs(old[k], getattr(args, k))]
+    if changed:
+        _say(f"resuming with {_changes(changed, old, args)}: the optimizer uses the new values from here on")
+
+
+def weights_finite(model) -> bool:
+    """One device sync: every parameter finite (checked before a checkpoint is written)."""
+    flags = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
+    return bool(flags.all())
+
+
 # ---------------------------------------------------------------------------------------------- the step
 
 
@@ -330,9 +493,10 @@ def train_step(model, optimizer, images, labels, amp: str = "none", clip_grad: f
     return record
 
 
-def _check_losses(pending: list, out: str) -> list:
+def _check_losses(pending: list, last_good: str) -> list:
     """[(losses, images)] of the steps in `pending` ([(record, epoch, step, global_step)]), summed over ranks:
-    the one host sync of a log interval. Raises NonFiniteLoss naming the first step whose loss was not finite.
+    the one host sync of a log interval. Raises NonFiniteLoss naming the first step whose loss was not finite
+    and `last_good`, a sentence naming the last checkpoint written (checked finite) or saying there is none.
     """
     if not pending:
         return []
@@ -345,8 +509,7 @@ def _check_losses(pending: list, out: str) -> list:
             detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_KEYS, losses))
             raise NonFiniteLoss(
                 f"non-finite loss at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}): "
-                f"{detail}. Stopped; nothing after the last check was saved, so the last good checkpoint "
-                f"{os.path.join(out, 'last.pt')} is intact. Lower --lr or try --clip-grad / --amp none "
+                f"{detail}. Stopped; {last_good}. Lower --lr or try --clip-grad / --amp none "
                 f"(--log-every 1 checks before every update).")
         checked.append((losses, images))
     return checked
@@ -361,12 +524,13 @@ def _host_flag_group():
     return None
 
 
-def _any_rank(flag: bool, group) -> bool:
+def _any_rank(flags: list, group) -> list:
+    """Each flag true on any rank (one all-reduce for all of them)."""
     import torch.distributed as dist
 
-    t = torch.tensor([float(flag)])  # a CPU tensor, reduced over gloo
+    t = torch.tensor([float(f) for f in flags])  # a CPU tensor, reduced over gloo
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t.item() > 0
+    return [v > 0 for v in t.tolist()]
 
 
 def count_step_syncs(arch: str = "conformer_tiny_patch16", method: str = "dbc", ops_backend: str = "auto",
@@ -432,6 +596,15 @@ def count_step_syncs(arch: str = "conformer_tiny_patch16", method: str = "dbc", 
 
 
 def train(args) -> int:
+    locks: list = []  # the run folder's lock, released however the run ends
+    try:
+        return _train(args, locks)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def _train(args, locks: list) -> int:
     import dbc_fast
     from ..data import SkippedImages
     from ..data.loader import build_loader
@@ -450,19 +623,29 @@ def train(args) -> int:
     rank, world = dist_utils.rank(), dist_utils.world_size()
     is_main = rank == 0
     out = args.out
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if is_main:
         os.makedirs(out, exist_ok=True)
+        locks.append(lock_run_dir(out))
 
     resume_path = None
     if args.resume == "auto":
         candidate = os.path.join(out, "last.pt")
         if os.path.isfile(candidate):
             resume_path = candidate
+        elif any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
+            raise SystemExit(f"--resume: {out} holds a run but no last.pt to resume from; pass --resume FILE, "
+                             f"or --overwrite (without --resume) to replace the run")
         else:
             _say(f"--resume: no {candidate} yet, starting a new run")
     elif args.resume:
         resume_path = args.resume
+    if is_main:
+        claim_run_dir(out, resuming=resume_path is not None, overwrite=args.overwrite)
     state = ckpt_lib.load_checkpoint(resume_path) if resume_path else None
+    if state is not None:
+        check_resume_identity(state, args, resume_path)
 
     seed_everything(args.seed + rank)  # each rank its own drop-path stream; data is seeded separately
     train_set, val_set, val_split = build_datasets(args)
@@ -499,10 +682,24 @@ def train(args) -> int:
     start_epoch, start_step, global_step = 0, 0, 0
     best = {"top1_loc": -1.0, "epoch": None}
     resumed_meters = None
+    last_good = None  # (path, epoch, step) of the last checkpoint written or resumed from
     if state is not None:
-        model.load_state_dict(state["model"])
+        saved_names = state["config"].get("class_names")
+        if saved_names is not None and list(saved_names) != list(train_set.class_names):
+            raise SystemExit(f"--resume {resume_path}: its classes differ from those of --data {args.data} "
+                             f"(by name or order); resume with the data it was trained on")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # other model options (e.g. --fstar-block, --mc-kernel-size)
+            first = str(e).strip().splitlines()
+            raise SystemExit(f"--resume {resume_path}: its weights do not fit this model ({first[-1].strip()[:160]}"
+                             f"); resume with the model options it was trained with") from None
         optimizer.load_state_dict(state["optimizer"])
+        apply_optimizer_options(optimizer, args, state.get("train_args", {}))
+        fresh = scheduler.state_dict()
         scheduler.load_state_dict(state["scheduler"])
+        if _schedule_changed(fresh, state["scheduler"]):
+            scheduler.load_state_dict(fresh)  # the new options' schedule, continued from the restored step
         start_epoch, start_step = state["epoch"], state.get("step", 0)
         global_step = state.get("global_step", 0)
         best = state.get("best_metric") or best
@@ -517,11 +714,20 @@ def train(args) -> int:
             _warn(f"checkpoint has RNG states of {len(rngs)} process(es), this run has {world}: "
                   "drop-path randomness is re-seeded (data order and augmentation are unaffected)")
         old = state.get("train_args", {})
-        for key in ("batch_size", "epochs", "lr", "sched", "seed", "max_steps_per_epoch", "limit_train_images"):
-            if key in old and old[key] != getattr(args, key):
+        changed = [key for key in SCHEDULE_KEYS if key in old and _differs(old[key], getattr(args, key))]
+        if _schedule_changed(fresh, state["scheduler"]):
+            scheduler.step_update(num_updates=global_step)
+            _say(f"resuming with {_changes(changed, old, args) or 'another steps-per-epoch'}: the LR schedule is "
+                 f"recomputed for the new values and continues from global step {global_step} "
+                 f"(LR now {optimizer.param_groups[0]['lr']:.3g})")
+        for key in ("batch_size", "seed", "max_steps_per_epoch", "limit_train_images"):
+            if key in old and _differs(old[key], getattr(args, key)):
                 _warn(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} but the checkpoint "
                       f"was trained with {old[key]}: the run will not match an uninterrupted one")
+        last_good = (resume_path, start_epoch, start_step)
         _say(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
+        if is_main:
+            trim_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
     if start_epoch >= args.epochs:
         _say(f"nothing to do: {args.epochs} epoch(s) already done")
         dist_utils.cleanup()
@@ -545,7 +751,18 @@ def train(args) -> int:
              f"({steps_per_epoch} steps/epoch x {args.epochs} epochs, {world} process(es), device {device}); "
              f"validation: {val_split or 'none'} ({len(val_set) if val_set is not None else 0} images)")
 
+    def last_good_sentence() -> str:
+        if last_good is None:
+            return "no checkpoint was written yet, so there is nothing to resume"
+        path, epoch, step = last_good
+        where = f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+        return f"the last good checkpoint is {path} ({where}): resume from it with --resume {path}"
+
     def save(path, epoch, step, meters):
+        nonlocal last_good
+        if not weights_finite(model):  # one sync per checkpoint: a bad update never replaces a good file
+            raise NonFiniteLoss(f"non-finite weights after global step {global_step}: not saved; "
+                                f"{last_good_sentence()}. Lower --lr or try --clip-grad / --amp none.")
         rngs = dist_utils.all_gather_objects(ckpt_lib.rng_state())  # every rank's stream (collective)
         if is_main:
             ckpt_lib.save_atomic({
@@ -554,6 +771,17 @@ def train(args) -> int:
                 "rng": rngs, "best_metric": dict(best), "config": config, "train_args": ckpt_lib.plain(vars(args)),
                 "meters": ckpt_lib.plain(meters),
             }, path)
+        last_good = (path, epoch, step)
+
+    def stopped(epoch, step, meters) -> int:
+        """After SIGINT/SIGTERM: a resumable checkpoint at the step reached, and how to resume it."""
+        path = os.path.join(out, "last.pt")
+        save(path, epoch, step, meters)
+        name = signal.Signals(stop.signum).name
+        _say(f"{name}: stopped at epoch {epoch + 1}, step {step} (global step {global_step}); saved {path}. "
+             f"Resume with:\n  {resume_command(args)}")
+        dist_utils.cleanup()
+        return 128 + stop.signum
 
     def maybe_kill():
         if args.debug_kill_after_steps is not None and global_step >= args.debug_kill_after_steps:
@@ -562,108 +790,128 @@ def train(args) -> int:
 
     from tqdm import tqdm
 
-    for epoch in range(start_epoch, args.epochs):
-        first_step = start_step if epoch == start_epoch else 0
-        loader.set_epoch(epoch, first_step)
-        train_model.train()
-        meters = resumed_meters if (epoch == start_epoch and first_step and resumed_meters) else \
-            {"sums": [0.0] * len(LOSS_KEYS), "images": 0, "skipped": {}}
-        tracker = SkippedImages(len(train_set), max_fraction=args.max_skipped_fraction)
-        tracker.paths.update(meters["skipped"])
-        meters["skipped"] = tracker.paths
-        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   unit="step", disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stderr)
-        t0, seen = time.perf_counter(), 0
-        step = first_step
-        pending = []  # (loss record on the device, epoch, step, global step) since the last check
+    stop = StopRequest().install()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            first_step = start_step if epoch == start_epoch else 0
+            loader.set_epoch(epoch, first_step)
+            train_model.train()
+            meters = resumed_meters if (epoch == start_epoch and first_step and resumed_meters) else \
+                {"sums": [0.0] * len(LOSS_KEYS), "images": 0, "skipped": {}}
+            tracker = SkippedImages(len(train_set), max_fraction=args.max_skipped_fraction)
+            tracker.paths.update(meters["skipped"])
+            meters["skipped"] = tracker.paths
+            bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       unit="step", disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stderr)
+            t0, seen = time.perf_counter(), 0
+            step = first_step
+            pending = []  # (loss record on the device, epoch, step, global step) since the last check
 
-        def check():
-            """The losses since the last check: NaN/inf stops the run; meters and progress bar advance."""
-            nonlocal seen
-            checked = _check_losses(pending, out)
-            pending.clear()
-            for losses, batch_images in checked:
-                meters["sums"] = [s + v * batch_images for s, v in zip(meters["sums"], losses)]
-                meters["images"] += int(batch_images)
-                seen += int(batch_images)
-            if checked and is_main:
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{checked[-1][0][0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{rate:.1f}")
+            def check():
+                """The losses since the last check: NaN/inf stops the run; meters and progress bar advance."""
+                nonlocal seen
+                checked = _check_losses(pending, last_good_sentence())
+                pending.clear()
+                for losses, batch_images in checked:
+                    meters["sums"] = [s + v * batch_images for s, v in zip(meters["sums"], losses)]
+                    meters["images"] += int(batch_images)
+                    seen += int(batch_images)
+                if checked and is_main:
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{checked[-1][0][0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{rate:.1f}")
 
-        params = list(model.parameters())
-        for batch in loader:
-            if step >= steps_per_epoch:
-                break
-            tracker.update(batch)  # warns per unreadable image; too many stop the run
-            empty = len(batch["image"]) == 0  # every image of this batch was unreadable
-            if world > 1:  # DDP needs every rank in every step: all skip when one has nothing
-                empty = _any_rank(empty, flag_group)
-            if empty:
+            params = list(model.parameters())
+            for batch in loader:
+                if step >= steps_per_epoch:
+                    break
+                tracker.update(batch)  # warns per unreadable image; too many stop the run
+                empty = len(batch["image"]) == 0  # every image of this batch was unreadable
+                stopping = stop.signum is not None
+                if world > 1:  # DDP needs every rank in every step: all skip when one has nothing, all stop
+                    empty, stopping = _any_rank([empty, stopping], flag_group)
+                if stopping:
+                    check()
+                    bar.close()
+                    return stopped(epoch, step, meters)
+                if empty:
+                    step += 1
+                    bar.update(1)
+                    continue
+                scheduler.step_update(num_updates=global_step)
+                record = train_step(train_model, optimizer, batch["image"], batch["label"], amp=args.amp,
+                                    clip_grad=args.clip_grad, params=params)
+                pending.append((record, epoch, step, global_step))
+                global_step += 1
                 step += 1
-                bar.update(1)
-                continue
-            scheduler.step_update(num_updates=global_step)
-            record = train_step(train_model, optimizer, batch["image"], batch["label"], amp=args.amp,
-                                clip_grad=args.clip_grad, params=params)
-            pending.append((record, epoch, step, global_step))
-            global_step += 1
-            step += 1
-            if is_main:
-                bar.update(1)
-            saving = args.save_every_steps and step % args.save_every_steps == 0 and step < steps_per_epoch
-            if saving or global_step % args.log_every == 0:
-                check()
-            if saving:
-                save(os.path.join(out, "last.pt"), epoch, step, meters)
-            if step < steps_per_epoch:  # the epoch's last step is followed by its end-of-epoch save
-                maybe_kill()
-        check()
-        bar.close()
-        train_time = time.perf_counter() - t0
+                if is_main:
+                    bar.update(1)
+                saving = args.save_every_steps and step % args.save_every_steps == 0 and step < steps_per_epoch
+                if saving or global_step % args.log_every == 0:
+                    check()
+                if saving:
+                    save(os.path.join(out, "last.pt"), epoch, step, meters)
+                if step < steps_per_epoch:  # the epoch's last step is followed by its end-of-epoch save
+                    maybe_kill()
+                if args.debug_signal_after_steps is not None and global_step == args.debug_signal_after_steps:
+                    os.kill(os.getpid(), getattr(signal, args.debug_signal))
+            check()
+            bar.close()
+            train_time = time.perf_counter() - t0
 
-        skipped = sorted({p: r for part in dist_utils.all_gather_objects(tracker.paths) for p, r in part.items()}.items())
-        if skipped:
-            _warn(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable training image(s), e.g. "
-                  + "; ".join(f"{p} ({r})" for p, r in skipped[:3]))
-        record = {"epoch": epoch + 1, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"],
-                  "train": {k: s / max(1, meters["images"]) for k, s in zip(LOSS_KEYS, meters["sums"])},
-                  "train_images": meters["images"], "skipped_images": len(skipped),
-                  "skipped_files": [p for p, _ in skipped[:100]],
-                  "images_per_s": seen / max(train_time, 1e-9), "train_time_s": train_time}
-        is_best = False
-        if val_loader is not None:
-            t1 = time.perf_counter()
-            results = evaluate_model(_unwrap(model), val_loader, device, amp=args.amp,
-                                     cam_threshold=args.cam_threshold, map_keys=("map",), box_eval=False,
-                                     threshold_sweep=False, progress=False)
-            record["val"] = results.get("M", {})
-            record["val_split"] = val_split
-            record["val_time_s"] = time.perf_counter() - t1
-            top1 = record["val"]["top1_loc"]
-            if top1 > best["top1_loc"]:
-                best = {"top1_loc": top1, "epoch": epoch + 1}
-                is_best = True
-            _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}, {val_split} "
-                 + headline(record["val"], "M") + f" (best Top-1 Loc {best['top1_loc']:.2f} at epoch {best['epoch']})")
-        else:
-            is_best = True  # no validation: the latest epoch is the one kept as best.pt
-            _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}")
-        record["best"] = best
-        save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
-        if is_main:
-            if is_best:
-                ckpt_lib.link_or_copy(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
-            log.write(record)
-            if tb is not None:
-                for k, v in record["train"].items():
-                    tb.add_scalar(f"train/{k}", v, epoch + 1)
-                for k, v in record.get("val", {}).items():
-                    if isinstance(v, (int, float)):
-                        tb.add_scalar(f"val/{k}", v, epoch + 1)
-                tb.add_scalar("lr", record["lr"], epoch + 1)
-                tb.flush()
-        maybe_kill()
+            skipped = sorted({p: r for part in dist_utils.all_gather_objects(tracker.paths) for p, r in part.items()}.items())
+            if skipped:
+                _warn(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable training image(s), e.g. "
+                      + "; ".join(f"{p} ({r})" for p, r in skipped[:3]))
+            record = {"epoch": epoch + 1, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"],
+                      "train": {k: s / max(1, meters["images"]) for k, s in zip(LOSS_KEYS, meters["sums"])},
+                      "train_images": meters["images"], "skipped_images": len(skipped),
+                      "skipped_files": [p for p, _ in skipped[:100]],
+                      "images_per_s": seen / max(train_time, 1e-9), "train_time_s": train_time}
+            is_best = False
+            if val_loader is not None:
+                t1 = time.perf_counter()
+                try:
+                    results = evaluate_model(_unwrap(model), val_loader, device, amp=args.amp,
+                                             cam_threshold=args.cam_threshold, map_keys=("map",), box_eval=False,
+                                             threshold_sweep=False, progress=False)
+                except Exception:  # the epoch's training is kept: save it before the error ends the run
+                    save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
+                    _warn(f"validation of epoch {epoch + 1} failed; the epoch's training was saved first to "
+                          f"{os.path.join(out, 'last.pt')} (--resume continues with epoch {epoch + 2})")
+                    raise
+                record["val"] = results.get("M", {})
+                record["val_split"] = val_split
+                record["val_time_s"] = time.perf_counter() - t1
+                top1 = record["val"]["top1_loc"]
+                if top1 > best["top1_loc"]:
+                    best = {"top1_loc": top1, "epoch": epoch + 1}
+                    is_best = True
+                _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}, {val_split} "
+                     + headline(record["val"], "M") + f" (best Top-1 Loc {best['top1_loc']:.2f} at epoch {best['epoch']})")
+            else:
+                is_best = True  # no validation: the latest epoch is the one kept as best.pt
+                _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}")
+            record["best"] = best
+            save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
+            if is_main:
+                if is_best:
+                    ckpt_lib.link_or_copy(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
+                log.write(record)
+                if tb is not None:
+                    for k, v in record["train"].items():
+                        tb.add_scalar(f"train/{k}", v, epoch + 1)
+                    for k, v in record.get("val", {}).items():
+                        if isinstance(v, (int, float)):
+                            tb.add_scalar(f"val/{k}", v, epoch + 1)
+                    tb.add_scalar("lr", record["lr"], epoch + 1)
+                    tb.flush()
+            maybe_kill()
+            if epoch + 1 < args.epochs and (_any_rank([stop.signum is not None], flag_group)[0] if world > 1
+                                            else stop.signum is not None):
+                return stopped(epoch + 1, 0, None)  # the epoch's checkpoint, written again with the stop
+    finally:
+        stop.restore()
     if tb is not None:
         tb.close()
     _say(f"done: {out}/last.pt, {out}/best.pt (best validation Top-1 Loc {best['top1_loc']:.2f} "
