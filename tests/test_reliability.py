@@ -293,3 +293,19 @@ def test_nan_before_any_checkpoint_says_there_is_none(shared_data, tmp_path, mon
     assert stand_in_run(shared_data, out) == 3
     assert "no checkpoint was written yet, so there is nothing to resume" in capsys.readouterr().err
     assert not (out / "last.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- text files
+
+
+def test_utf8_byte_order_marks_in_list_and_annotation_files_are_dropped(shared_data, tmp_path):
+    from dbc_fast.data import build_dataset
+
+    want = build_dataset("tiny-imagenet", mini(shared_data), "val", img_size=32)
+    data = copy_mini(shared_data, tmp_path)
+    for f in (data / "wnids.txt", data / "val" / "val_annotations.txt"):  # as a Windows editor saves them
+        f.write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    got = build_dataset("tiny-imagenet", data, "val", img_size=32)
+    assert got.class_names == want.class_names and "\ufeff" not in got.class_names[0]
+    assert [(os.path.basename(s.path), s.label) for s in got.samples] == \
+        [(os.path.basename(s.path), s.label) for s in want.samples]

@@ -51,9 +51,10 @@ def is_image_file(name: str) -> bool:
 
 # --------------------------------------------------------------------------------------------- helpers
 def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, stripped text) of the non-blank lines of a text file."""
+    """(line number, stripped text) of the non-blank lines of a text file (a UTF-8 byte order mark, which
+    editors on Windows add, is dropped: it would be an invisible part of the first name)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return [(i, ln.strip()) for i, ln in enumerate(f, 1) if ln.strip()]
     except FileNotFoundError as e:
         raise DatasetError("file not found", path) from e
@@ -630,7 +631,7 @@ def _read_voc_folder(base: Path, xml_dir: Path, names: list[str] | None) -> Read
 
 def _read_box_csv(csv_path: Path, names: list[str] | None) -> ReadResult:
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # without a byte order mark
             rows = [(i, r) for i, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]
     except OSError as e:
         raise DatasetError(f"cannot read CSV: {e}", csv_path) from e
