@@ -404,13 +404,44 @@ def _first_match(argv, pattern):
     return found.group(1) if found else None
 
 
+def _install_prebuilt(library, pip) -> bool:
+    """Use an op library built elsewhere (same torch version, sm_90) when it loads and registers its CUDA
+    kernels on this machine: saves the build's minutes of device time. False (and nothing kept) otherwise."""
+    target = os.path.join(ROOT, "dbc_fast", "_C.so")
+    if not os.path.isfile(library):
+        print(f"prebuilt op library {library} not found: building", flush=True)
+        return False
+    backup = target + ".before-prebuilt"
+    if os.path.exists(target):
+        os.replace(target, backup)
+    shutil.copyfile(library, target)
+    installed = subprocess.run(pip, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, DBC_FAST_NO_EXT="1"))
+    probe = subprocess.run([PY, "-c", "import torch, dbc_fast.ops.cpp_backend as c; import sys; "
+                            "sys.exit(0 if torch.cuda.is_available() and c._has_cuda_kernels() else 3)"],
+                           cwd=ROOT, capture_output=True, text=True)
+    if installed.returncode == 0 and probe.returncode == 0:
+        if os.path.exists(backup):
+            os.remove(backup)
+        return True
+    print(f"prebuilt op library {library} unusable here (install rc {installed.returncode}, probe rc "
+          f"{probe.returncode}: {(probe.stdout + probe.stderr)[-1500:]}): building", flush=True)
+    os.remove(target)
+    if os.path.exists(backup):
+        os.replace(backup, target)
+    return False
+
+
 def build(path, dry_run) -> int:
     """pip install -e . (the op library with CUDA kernels for TORCH_CUDA_ARCH_LIST); if that fails, an install
     without the op library so Triton and eager still run. Then the backends each device gets."""
     out = {"TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST"), "MAX_JOBS": os.environ.get("MAX_JOBS")}
     pip = [PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]
     existing = glob.glob(os.path.join(ROOT, "dbc_fast", "_C*.so"))
-    if dry_run and existing:
+    prebuilt = os.environ.get("DBC_FAST_PREBUILT_LIB")
+    if prebuilt and not dry_run and _install_prebuilt(prebuilt, pip):
+        out.update(mode="prebuilt", rc=0, note=f"op library {prebuilt} (built elsewhere against this torch) loads "
+                   "with its CUDA kernels: not rebuilt")
+    elif dry_run and existing:
         out.update(mode="reused", note=f"dry run: the op library {os.path.relpath(existing[0], ROOT)} is already "
                    "built here; not rebuilt", rc=0)
     else:
