@@ -23,6 +23,101 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (no usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ------------------------------------------------------------------ option types: impossible values stop at parse time
+
+
+def _number(value, kind):
+    if isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():  # e.g. `img-size: 64.5` in a YAML file
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a finite number")
+    return number
+
+
+def bounded(kind=int, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: an int or float within [low, high] (open ends where said)."""
+    def check(value):
+        number = _number(value, kind)
+        if (low is not None and (number < low or (low_open and number == low))) or \
+                (high is not None and (number > high or (high_open and number == high))):
+            lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+            hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+            where = f"in {lo}, {hi}" if low is not None and high is not None else \
+                (f"> {low}" if low_open else f">= {low}") if low is not None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {value!r}")
+        return number
+    check.__name__ = kind.__name__
+    return check
+
+
+def img_size(value) -> int:
+    """A square input size: a positive multiple of 32 (the backbone's stride)."""
+    size = _number(value, int)
+    if size <= 0 or size % 32:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 32, got {value!r}")
+    return size
+
+
+def check_device(args, parser) -> None:
+    """--device cuda on a machine without CUDA stops at parse time (after the config file and the command line
+    are merged, so `--device cpu` overrides a config's cuda)."""
+    if getattr(args, "device", None) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("argument --device: cuda was asked for but torch sees no CUDA device (use --device cpu)")
+
+
+def out_dir(value) -> str:
+    """An output folder that is, or can be created as, a writable folder (checked before any work)."""
+    import os
+
+    path = os.path.abspath(str(value))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{value} exists and is not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(f"{value} cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{value}: {existing} is not writable")
+    return str(value)
+
+
+def out_file(value) -> str:
+    """An output file whose folder is writable (checked before any work)."""
+    import os
+
+    if os.path.isdir(str(value)):
+        raise argparse.ArgumentTypeError(f"{value} is a folder, not a file name")
+    out_dir(os.path.dirname(os.path.abspath(str(value))))
+    return str(value)
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = bounded(int, 1), bounded(int, 0)
+POSITIVE, NON_NEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
+FRACTION = bounded(float, 0, 1)  # map thresholds, fractions
+
+
 def _import(command: str):
     module_name = COMMANDS[command][0]
     try:
@@ -65,14 +160,14 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         if action.type is not None and value is not None:
             try:
                 value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                 raise SystemExit(f"--config {path}: {key}: {value!r} is not valid ({e})")
         values[dest] = value
     return values
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dbc-fast", description="DBC weakly supervised object localization")
+    parser = _Parser(prog="dbc-fast", description="DBC weakly supervised object localization")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -96,7 +191,10 @@ def parse(argv):
             if action.dest in values:
                 action.required = False
         sub.set_defaults(**values)
-        return module, parser.parse_args(argv)
+        args = parser.parse_args(argv)
+        check_device(args, sub)
+        return module, args
+    check_device(first, sub)
     return module, first
 
 

@@ -265,8 +265,13 @@ def test_count_step_syncs_without_cuda_says_so():
 
 
 def test_gpu_defaults_channels_last_fused_adamw_cudnn_benchmark(monkeypatch):
-    assert channels_last_enabled(parse_train_args("--device", "cuda"))
-    assert not channels_last_enabled(parse_train_args("--device", "cuda", "--no-channels-last"))
+    def on_cuda(*argv):  # --device cuda is refused at parse time on a machine without CUDA
+        args = parse_train_args(*argv)
+        args.device = "cuda"
+        return args
+
+    assert channels_last_enabled(on_cuda())
+    assert not channels_last_enabled(on_cuda("--no-channels-last"))
     assert not channels_last_enabled(parse_train_args("--device", "cpu"))
     assert channels_last_enabled(parse_train_args("--device", "cpu", "--channels-last"))
     model, args = nn.Linear(3, 2), parse_train_args()

@@ -309,3 +309,62 @@ def test_utf8_byte_order_marks_in_list_and_annotation_files_are_dropped(shared_d
     assert got.class_names == want.class_names and "\ufeff" not in got.class_names[0]
     assert [(os.path.basename(s.path), s.label) for s in got.samples] == \
         [(os.path.basename(s.path), s.label) for s in want.samples]
+
+
+# ---------------------------------------------------------------------------------------- option values
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["predict", "--topk", "0"], "--topk"),
+    (["predict", "--batch-size", "0"], "--batch-size"),
+    (["predict", "--img-size=-64"], "--img-size"),
+    (["predict", "--cam-threshold", "5"], "--cam-threshold"),
+    (["train", "--img-size", "0"], "--img-size"),
+    (["train", "--img-size", "64.5"], "--img-size"),
+    (["train", "--lr=-1e-3"], "--lr"),
+    (["train", "--num-workers", "-1"], "--num-workers"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--cam-threshold", "5"], "--cam-threshold"),
+    (["train", "--max-skipped-fraction", "2"], "--max-skipped-fraction"),
+    (["eval", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--sweep-interval", "1"], "--sweep-interval"),
+    (["export", "--checkpoint", "x.pt", "--out", "m.ts", "--topk", "0"], "--topk"),
+])
+def test_impossible_option_values_stop_at_parse_time_in_one_line(argv, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {option}" in err, err
+
+
+def test_output_that_cannot_be_written_is_refused_before_any_work(shared_data, tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    for argv in (["eval", "--dataset", "tiny-imagenet", "--data", str(mini(shared_data)), "--checkpoint", "x.pt",
+                  "--out", str(a_file)],
+                 common_args(mini(shared_data), a_file / "run"),
+                 ["predict", "--checkpoint", "x.pt", "--images", str(tmp_path), "--out", str(a_file)],
+                 ["export", "--checkpoint", "x.pt", "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            cli_main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "argument --out" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_device_cuda_without_cuda_is_refused_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["predict", "--device", "cuda"])
+    assert e.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_yaml_non_integer_image_size_is_refused(tmp_path):
+    from dbc_fast.cli import parse
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("img-size: 64.5\n")
+    with pytest.raises(SystemExit, match=r"img-size: 64.5 is not valid \(64.5 is not an integer\)"):
+        parse(["train", "--config", str(cfg)])
+    cfg.write_text("img-size: 64.0\n")
+    assert parse(["train", "--config", str(cfg)])[1].img_size == 64

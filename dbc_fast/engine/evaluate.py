@@ -53,6 +53,7 @@ DEFAULT_SWEEP = tuple(round(0.01 * i, 2) for i in range(100))  # 0.00 .. 0.99, w
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .. import cli
     from ..data import DATASET_NAMES
     from .train import add_data_arguments
 
@@ -63,20 +64,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="auto",
                    help="split to evaluate: test (cub, ilsvrc) / val (tiny-imagenet, voc-seg) by default (auto)")
     p.add_argument("--checkpoint", help="dbc_fast checkpoint (best.pt / last.pt) (required)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch per process (default 64)")
-    p.add_argument("--out", help="folder for metrics.json (required)")
-    p.add_argument("--cam-threshold", type=float, default=0.2, help="map threshold for the boxes (default 0.2)")
-    p.add_argument("--sweep-interval", type=float, default=0.01,
+    p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=64, help="images per batch per process (default 64)")
+    p.add_argument("--out", type=cli.out_dir, help="folder for metrics.json (required)")
+    p.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2, help="map threshold for the boxes (default 0.2)")
+    p.add_argument("--sweep-interval", type=cli.bounded(float, 0, 1, high_open=True), default=0.01,
                    help="map thresholds 0, i, 2i, .. < 1 tried for the best-threshold figures (default 0.01; 0 = skip)")
     p.add_argument("--maps", nargs="+", choices=("M", "M_a", "M_c"), default=["M", "M_a", "M_c"],
                    help="maps to evaluate, where the method has them (default all)")
     p.add_argument("--no-maxboxacc", action="store_true", help="skip MaxBoxAccV2 (the slowest part)")
-    p.add_argument("--mask-threshold", type=float, default=0.3,
+    p.add_argument("--mask-threshold", type=cli.FRACTION, default=0.3,
                    help="map threshold for the foreground IoU / precision / recall of a mask set (default 0.3, "
                         "C2AM's cut for its background cues)")
     p.add_argument("--missing-images", choices=("error", "skip"), default="error",
                    help="an annotated image missing on disk: stop (error, default) or leave it out with a warning")
-    p.add_argument("--limit-images", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--limit-images", type=cli.POSITIVE_INT, default=None, help="evaluate the first N images only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from .. import cli
 from . import checkpoint as ckpt_lib
 from . import distributed as dist_utils
 
@@ -51,8 +52,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--class-list", default=None, help="class order file (ilsvrc, folder)")
     g.add_argument("--boxes", default=None,
                    help="boxes file/folder (ilsvrc val: LOC_val_solution.csv or XML folder; folder: CSV or XML)")
-    g.add_argument("--img-size", type=int, default=224, help="square input size S, a multiple of 32 (default 224)")
-    g.add_argument("--num-workers", type=int, default=4, help="data loading worker processes (default 4)")
+    g.add_argument("--img-size", type=cli.img_size, default=224, help="square input size S, a multiple of 32 (default 224)")
+    g.add_argument("--num-workers", type=cli.NON_NEGATIVE_INT, default=4, help="data loading worker processes (default 4)")
     g.add_argument("--loader", choices=("torch", "dali", "auto"), default="torch",
                    help="data loader: torch DataLoader + PIL, or NVIDIA DALI (default torch)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
@@ -69,11 +70,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", choices=ARCHS, default="conformer_tiny_patch16", help="backbone (default conformer_tiny_patch16)")
     g.add_argument("--method", choices=METHODS, default="dbc", help="WSOL method (default dbc)")
     g.add_argument("--pretrained", default=None, help="official Conformer ImageNet checkpoint to start from")
-    g.add_argument("--fstar-block", type=int, default=11, help="CNN block whose feature map is F* (default 11)")
-    g.add_argument("--mc-kernel-size", type=int, default=3, help="kernel size of the M_c convolution (default 3)")
+    g.add_argument("--fstar-block", type=cli.NON_NEGATIVE_INT, default=11, help="CNN block whose feature map is F* (default 11)")
+    g.add_argument("--mc-kernel-size", type=cli.POSITIVE_INT, default=3, help="kernel size of the M_c convolution (default 3)")
     g.add_argument("--norm", default="minmax", help="map normalisation (default minmax)")
-    g.add_argument("--lambda-pos", type=float, default=1.0, help="weight of L_pos (default 1.0)")
-    g.add_argument("--lambda-neg", type=float, default=0.1, help="weight of L_neg (default 0.1)")
+    g.add_argument("--lambda-pos", type=cli.NON_NEGATIVE, default=1.0, help="weight of L_pos (default 1.0)")
+    g.add_argument("--lambda-neg", type=cli.NON_NEGATIVE, default=0.1, help="weight of L_neg (default 0.1)")
     g.add_argument("--negatives", choices=("cross", "within"), default="cross",
                    help="negative pairs of L_neg: all n x n pairs of the batch, or within-image only (default cross)")
     g.add_argument("--cls-loss", choices=("prob_mean", "ce_mean", "logit_sum"), default="prob_mean",
@@ -83,7 +84,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="implementation of the DBC head ops (default auto)")
     g.add_argument("--map-source", choices=("auto", "sum", "a", "c"), default="auto",
                    help="dbc/cls map M: M_a + M_c (sum, Eq. 7), M_a (a) or M_c (c); auto = sum for dbc, a for cls")
-    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default 0.1)")
+    g.add_argument("--drop-path", type=cli.bounded(float, 0, 1, high_open=True), default=0.1, help="stochastic depth rate (default 0.1)")
 
 
 def model_options(args) -> dict:
@@ -101,43 +102,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "dataset has one, else test with a warning (default auto)")
     g.add_argument("--select-on-test", action="store_true",
                    help="select the best checkpoint on the test split on purpose (no warning)")
-    g.add_argument("--limit-train-images", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--limit-val-images", type=int, default=None, help="validate on the first N images only")
-    g.add_argument("--max-skipped-fraction", type=float, default=0.01,
+    g.add_argument("--limit-train-images", type=cli.POSITIVE_INT, default=None, help="use only the first N training images")
+    g.add_argument("--limit-val-images", type=cli.POSITIVE_INT, default=None, help="validate on the first N images only")
+    g.add_argument("--max-skipped-fraction", type=cli.FRACTION, default=0.01,
                    help="stop when more than this fraction of training images are unreadable (default 0.01)")
     add_model_arguments(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=64, help="images per optimizer step per process (default 64)")
-    g.add_argument("--eval-batch-size", type=int, default=None, help="validation batch size (default: --batch-size)")
-    g.add_argument("--epochs", type=int, default=60, help="epochs (default 60)")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4, the paper's CUB value)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="final LR of the cosine schedule (default 1e-6)")
+    g.add_argument("--batch-size", type=cli.POSITIVE_INT, default=64, help="images per optimizer step per process (default 64)")
+    g.add_argument("--eval-batch-size", type=cli.POSITIVE_INT, default=None, help="validation batch size (default: --batch-size)")
+    g.add_argument("--epochs", type=cli.POSITIVE_INT, default=60, help="epochs (default 60)")
+    g.add_argument("--lr", type=cli.POSITIVE, default=5e-4, help="peak learning rate (default 5e-4, the paper's CUB value)")
+    g.add_argument("--min-lr", type=cli.NON_NEGATIVE, default=1e-6, help="final LR of the cosine schedule (default 1e-6)")
     g.add_argument("--sched", choices=("cosine", "step", "const"), default="cosine",
                    help="LR schedule after warm-up, updated every iteration (default cosine)")
-    g.add_argument("--decay-epochs", type=float, default=30, help="step schedule: epochs between decays (default 30)")
-    g.add_argument("--decay-rate", type=float, default=0.1, help="step schedule: LR factor per decay (default 0.1)")
-    g.add_argument("--warmup-epochs", type=float, default=0, help="linear warm-up epochs (default 0)")
-    g.add_argument("--warmup-lr", type=float, default=1e-6, help="LR at the start of warm-up (default 1e-6)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (default 5e-4)")
-    g.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW eps (default 1e-8)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), help="AdamW betas (default 0.9 0.99)")
-    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value (default off)")
+    g.add_argument("--decay-epochs", type=cli.POSITIVE, default=30, help="step schedule: epochs between decays (default 30)")
+    g.add_argument("--decay-rate", type=cli.POSITIVE, default=0.1, help="step schedule: LR factor per decay (default 0.1)")
+    g.add_argument("--warmup-epochs", type=cli.NON_NEGATIVE, default=0, help="linear warm-up epochs (default 0)")
+    g.add_argument("--warmup-lr", type=cli.NON_NEGATIVE, default=1e-6, help="LR at the start of warm-up (default 1e-6)")
+    g.add_argument("--weight-decay", type=cli.NON_NEGATIVE, default=5e-4, help="AdamW weight decay (default 5e-4)")
+    g.add_argument("--opt-eps", type=cli.POSITIVE, default=1e-8, help="AdamW eps (default 1e-8)")
+    g.add_argument("--betas", type=cli.bounded(float, 0, 1, high_open=True), nargs=2, default=(0.9, 0.99), help="AdamW betas (default 0.9 0.99)")
+    g.add_argument("--clip-grad", type=cli.POSITIVE, default=None, help="clip the gradient norm to this value (default off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--log-every", type=int, default=20,
+    g.add_argument("--log-every", type=cli.POSITIVE_INT, default=20,
                    help="check the losses for NaN/inf and update the progress bar every N steps; the steps in "
                         "between run without waiting for the GPU (default 20; 1 = check before every update)")
     g.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and augmentation (default 0)")
-    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap the optimizer steps of each epoch")
+    g.add_argument("--max-steps-per-epoch", type=cli.POSITIVE_INT, default=None, help="cap the optimizer steps of each epoch")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="run directory for checkpoints and logs (required)")
+    g.add_argument("--out", type=cli.out_dir, help="run directory for checkpoints and logs (required)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="FILE",
                    help="resume from FILE, or (no value) from RUN_DIR/last.pt if it exists; a changed --epochs, "
                         "--lr or other schedule option gives the new schedule, continued from the restored step")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that already holds one, deleting its checkpoints and metrics")
-    g.add_argument("--save-every-steps", type=int, default=0,
+    g.add_argument("--save-every-steps", type=cli.NON_NEGATIVE_INT, default=0,
                    help="also write last.pt every N steps inside an epoch (0 = only at epoch ends)")
-    g.add_argument("--cam-threshold", type=float, default=0.2,
+    g.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2,
                    help="map threshold for boxes in validation Top-1/GT-known Loc (default 0.2)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--ddp-find-unused", action="store_true",
