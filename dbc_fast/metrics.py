@@ -111,9 +111,14 @@ def extract_boxes(m, threshold: float, multi_contour: bool = False) -> np.ndarra
 
 def iou_matrix(boxes_a, boxes_b) -> np.ndarray:
     """IoU [na, nb] of x0,y0,x1,y1 boxes with the +1 pixel convention (wsolevaluation
-    calculate_multiple_iou); degenerate pairs (union <= 0) give 0."""
+    calculate_multiple_iou); degenerate pairs (union <= 0) give 0. A box with x1 < x0 or y1 < y0 raises
+    ValueError (it has no IoU; wsolevaluation's tests expect the error)."""
     a = np.asarray(boxes_a).reshape(-1, 4)[:, None, :]
     b = np.asarray(boxes_b).reshape(-1, 4)[None, :, :]
+    for boxes in (a.reshape(-1, 4), b.reshape(-1, 4)):
+        bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        if bad.any():
+            raise ValueError(f"invalid box {boxes[bad][0].tolist()}: expected x0 <= x1 and y0 <= y1")
     iw = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1)
     ih = np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1)
     inter = iw * ih

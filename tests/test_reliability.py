@@ -368,3 +368,45 @@ def test_yaml_non_integer_image_size_is_refused(tmp_path):
         parse(["train", "--config", str(cfg)])
     cfg.write_text("img-size: 64.0\n")
     assert parse(["train", "--config", str(cfg)])[1].img_size == 64
+
+
+# ------------------------------------------------------------------------------- evaluation of a broken model
+
+
+def test_invalid_box_has_no_iou():
+    from dbc_fast.metrics import iou_matrix
+
+    assert iou_matrix([[0, 0, 9, 9]], [[0, 0, 4, 9]])[0, 0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"invalid box \[5, 0, 2, 9\]"):
+        iou_matrix([[5, 0, 2, 9]], [[0, 0, 9, 9]])
+
+
+def test_nonfinite_maps_stop_evaluation_unless_allowed_and_are_counted(shared_data, tmp_path, monkeypatch, capsys):
+    import dbc_fast
+    from dbc_fast.engine.evaluate import NonFiniteMaps
+    from test_engine import StandInModel
+
+    use_stand_in(monkeypatch)
+    run = tmp_path / "run"
+    assert cli_main(common_args(mini(shared_data), run, "--epochs", "1", "--max-steps-per-epoch", "1",
+                                "--val-split", "none")) == 0
+
+    class BrokenMaps(StandInModel):  # every second image's map is NaN
+        def forward(self, images, labels=None, map_classes=None):
+            out = super().forward(images, labels, map_classes)
+            m = out["map"].clone()
+            m[::2] = float("nan")
+            return {**out, "map": m}
+
+    monkeypatch.setattr(dbc_fast, "create_model", lambda arch, n, method="dbc", pretrained=None, **o:
+                        BrokenMaps(arch, n, method, **o))
+    argv = ["eval", "--dataset", "tiny-imagenet", "--data", str(mini(shared_data)), "--checkpoint",
+            str(run / "last.pt"), "--img-size", "32", "--device", "cpu", "--num-workers", "0", "--limit-images", "6",
+            "--batch-size", "3", "--maps", "M", "--no-progress", "--out", str(tmp_path / "eval")]
+    with pytest.raises(NonFiniteMaps, match="2 of 3 M maps in a batch hold NaN/inf values"):
+        cli_main(argv)
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    assert cli_main(argv + ["--allow-nonfinite-maps"]) == 0
+    report = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert report["metrics"]["M"]["nonfinite_maps"] == 4  # images 0 and 2 of each batch of 3
+    assert "4 of 6 M maps held NaN/inf values" in capsys.readouterr().err

@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "C2AM's cut for its background cues)")
     p.add_argument("--missing-images", choices=("error", "skip"), default="error",
                    help="an annotated image missing on disk: stop (error, default) or leave it out with a warning")
+    p.add_argument("--allow-nonfinite-maps", action="store_true",
+                   help="score maps with NaN/inf values as empty maps (misses) instead of stopping; their count "
+                        "is reported")
     p.add_argument("--limit-images", type=cli.POSITIVE_INT, default=None, help="evaluate the first N images only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -117,13 +120,19 @@ class MapMetrics:
         return out
 
 
+class NonFiniteMaps(RuntimeError):
+    """A localization map with NaN/inf values: a broken model, whose maps would silently score as misses."""
+
+
 @torch.no_grad()
 def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: float = 0.2,
                    map_keys=("map", "map_a", "map_c"), box_eval: bool = True, threshold_sweep=DEFAULT_SWEEP,
-                   progress: bool = True, mask_threshold: float = 0.3, mask_interval: float = 0.01) -> dict:
+                   progress: bool = True, mask_threshold: float = 0.3, mask_interval: float = 0.01,
+                   allow_nonfinite_maps: bool = False) -> dict:
     """{"M": {...}, "M_a": {...}, "M_c": {...}} of the maps the model gives, over every sample of `loader`
     (all ranks' shards). Batches with "mask" (a mask set) add the mask figures. Every rank gets the same
-    result."""
+    result. A map with NaN/inf values raises NonFiniteMaps, unless allow_nonfinite_maps: then it is scored as
+    an empty map (a miss) and counted in each map's "nonfinite_maps"."""
     from tqdm import tqdm
 
     was_training = model.training
@@ -134,6 +143,7 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
         threshold_sweep = ()
     main = dist_utils.is_main()
     evaluators: dict = {}
+    nonfinite: dict = {}
     n_batches = dist_utils.all_reduce_max(len(loader))  # shards may differ by one batch
     it = iter(loader)
     bar = tqdm(total=n_batches, desc="evaluating", unit="batch", disable=not (main and progress),
@@ -155,6 +165,12 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
                 if part is None:
                     continue
                 for key, maps in part["maps"].items():
+                    bad = int((~torch.isfinite(maps.flatten(1)).all(1)).sum())
+                    nonfinite[key] = nonfinite.get(key, 0) + bad
+                    if bad and not allow_nonfinite_maps:
+                        raise NonFiniteMaps(f"{bad} of {len(maps)} {MAP_NAMES[key]} maps in a batch hold NaN/inf "
+                                            f"values: the model is broken (its maps would count as misses); "
+                                            f"pass --allow-nonfinite-maps to score them as empty maps")
                     if key not in evaluators:
                         with_masks = part["masks"] is not None
                         evaluators[key] = MapMetrics(cam_threshold, threshold_sweep, box_eval,
@@ -163,7 +179,8 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
                                                part["image_size"], masks=part["masks"])
         bar.update(1)
     bar.close()
-    results = {MAP_NAMES[k]: ev.compute() for k, ev in evaluators.items()} if main else None
+    results = {MAP_NAMES[k]: {**ev.compute(), "nonfinite_maps": nonfinite.get(k, 0)}
+               for k, ev in evaluators.items()} if main else None
     if was_training:
         model.train()
     return dist_utils.broadcast_object(results)
@@ -255,7 +272,8 @@ def main(args) -> int:
                              map_keys=tuple(inv[m] for m in args.maps), box_eval=not args.no_maxboxacc,
                              threshold_sweep=_sweep(args.sweep_interval), progress=not args.no_progress,
                              mask_threshold=args.mask_threshold,
-                             mask_interval=args.sweep_interval if args.sweep_interval > 0 else 0.01)
+                             mask_interval=args.sweep_interval if args.sweep_interval > 0 else 0.01,
+                             allow_nonfinite_maps=args.allow_nonfinite_maps)
     elapsed = time.perf_counter() - t0
     if dist_utils.is_main():
         os.makedirs(args.out, exist_ok=True)
@@ -271,6 +289,10 @@ def main(args) -> int:
         print(f"{config['arch']}/{config['method']} on {args.dataset} {split} ({len(dataset)} images):")
         for line in format_results(results):
             print(line)
+        for name, figures in results.items():
+            if figures.get("nonfinite_maps"):
+                print(f"WARNING: {figures['nonfinite_maps']} of {len(dataset)} {name} maps held NaN/inf values and "
+                      f"were scored as misses", file=sys.stderr)
         print(f"wrote {path}")
     dist_utils.cleanup()
     return 0
