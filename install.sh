@@ -11,7 +11,8 @@ PY=${PYTHON:-python}
 say() { echo "[install.sh] $*"; }
 $PY -m pip install -q --upgrade pip || say "could not upgrade pip: going on with $($PY -m pip --version | cut -d' ' -f1-2)"
 # The C++ example (csrc/example) needs cmake, libjpeg and libpng; fetched only where missing and possible.
-if ! dpkg -s cmake libjpeg-dev libpng-dev >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+have_example_deps() { command -v cmake >/dev/null && [ -e /usr/include/jpeglib.h ] && [ -e /usr/include/png.h ]; }
+if ! have_example_deps && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq cmake libjpeg-dev libpng-dev) >/dev/null \
     || say "could not install cmake/libjpeg-dev/libpng-dev: the C++ example cannot be built"
 fi
