@@ -52,3 +52,33 @@ def test_bad_inputs_are_named():
         ops.masked_pool(torch.zeros(2, 3, 4, 4), torch.zeros(2, 2, 4, 4), backend="nope")
     with pytest.raises(ValueError, match="one shape"):
         ops.contrastive_losses(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_ops_keep_their_precision_under_autocast(backend):
+    """Under bf16 autocast the matrix products inside the ops must not drop to bf16: there 1 - eps rounds to 1
+    and nearly parallel fg/bg vectors gave log(1 - 1) = -inf, an infinite L_neg and NaN weights after one step
+    (seen when training on a GPU). Every backend gives its fp32 result, finite, and fp32 gradients."""
+    if not ops.available_backends("cpu")[backend][0]:
+        pytest.skip(f"{backend} backend unavailable: {ops.available_backends('cpu')[backend][1]}")
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(8, 256, generator=g)
+    fc, bc, ft, bt = (base + 1e-3 * torch.randn(8, 256, generator=g) for _ in range(4))  # cosines ~ 1 - 1e-6
+    leaves = [x.clone().requires_grad_() for x in (fc, bc, ft, bt)]
+    want = ops.contrastive_losses(fc, bc, ft, bt, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.contrastive_losses(*leaves, backend=backend)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.isfinite(a)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    sum(got).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in leaves)
+
+    feat = torch.randn(4, 16, 8, 8, generator=g)
+    masks = torch.rand(4, 2, 8, 8, generator=g)
+    want_fg, want_bg = ops.masked_pool(feat, masks, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fg, bg = ops.masked_pool(feat, masks, backend=backend)
+    assert fg.dtype == bg.dtype == torch.float32
+    torch.testing.assert_close(fg, want_fg, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bg, want_bg, rtol=1e-5, atol=1e-6)

@@ -9,6 +9,20 @@ import torch.nn.functional as F
 NORM_EPS = 1e-12
 
 
+def _without_autocast(fn):
+    """Run ``fn`` with autocast off: these functions choose their own precision (fp32 accumulation). Under
+    autocast the matrix products would come out in bf16/fp16, where 1 - eps rounds to 1 and log(1 - cos) is
+    -inf for nearly parallel vectors."""
+    def wrapper(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fn.__name__, fn.__doc__, fn
+    return wrapper
+
+
+@_without_autocast
 def masked_pool(feat: torch.Tensor, masks: torch.Tensor):
     """Foreground/background GAP of ``feat`` [n,C,h,w] under each of ``masks`` [n,K,h,w].
 
@@ -29,6 +43,7 @@ def _cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a, dim=1, eps=NORM_EPS) @ F.normalize(b, dim=1, eps=NORM_EPS).t()
 
 
+@_without_autocast
 def contrastive_losses(fc, bc, ft, bt, negatives: str = "cross", eps: float = 5e-4):
     """(L_neg^c, L_neg^t, L_pos) of Eq. 11-12, cosines clamped to [eps, 1 - eps].
 
