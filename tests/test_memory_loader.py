@@ -90,6 +90,8 @@ def test_channels_last_and_bad_arguments(mini):
     image = next(iter(memory))["image"]
     assert image.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(image, torch.stack([dataset[i]["image"] for i in range(8)]))
+    serial = DeviceDataset(dataset, "cpu", train=False, batch_size=8, num_workers=1, progress=False)
+    assert torch.equal(serial.images, memory.images) and serial.orig_sizes == memory.orig_sizes
     with pytest.raises(RuntimeError, match="train=True"):
         next(memory.train_batches(0))
     with pytest.raises(ValueError, match="batch_size"):

@@ -4,7 +4,7 @@ For sets that fit in device memory (Tiny ImageNet: 50,000 images at 146x146 are 
 this removes the loader from the training step: no decoding, no host-to-device copies, no worker processes.
 The pixels are those of the torch loader: every image is decoded with `load_image` and resized with PIL's
 bilinear filter to the size the transforms use (R x R = train_resize_size(S) for training, S x S for
-evaluation), once, by a thread pool (PIL releases the GIL while decoding and resizing). Training batches then
+evaluation), once, by a pool of worker processes. Training batches then
 take the paper's augmentation on the device: a random S x S crop of the R x R image and a horizontal flip
 with probability 0.5, per image, from a generator seeded by (seed, epoch), and the ImageNet normalisation.
 Evaluation batches are the S x S images in order with their boxes scaled to S, as `collate` gives them, so
@@ -12,9 +12,12 @@ Evaluation batches are the S x S images in order with their boxes scaled to S, a
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -24,27 +27,54 @@ from .datasets import WSOLDataset, boxes_for_decoded_size, load_image
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, scale_boxes, train_resize_size
 
 
-def _decode_all(dataset: WSOLDataset, side: int, num_threads: int, progress: bool) -> tuple[np.ndarray, list]:
-    """uint8 [N, side, side, 3] of every image resized (PIL bilinear) and each image's (size, boxes)."""
+def _decode_chunk(samples: list, side: int) -> tuple[np.ndarray, list]:
+    """uint8 [len(samples), side, side, 3] (PIL bilinear resize) and each image's (size, boxes)."""
+    pixels = np.empty((len(samples), side, side, 3), np.uint8)
+    meta = []
+    for i, sample in enumerate(samples):
+        image = load_image(sample.path)
+        meta.append(boxes_for_decoded_size(sample, image.size))
+        pixels[i] = np.asarray(image.resize((side, side), Image.BILINEAR))
+    return pixels, meta
+
+
+def _decode_all(dataset: WSOLDataset, side: int, num_workers: int, progress: bool) -> tuple[np.ndarray, list]:
+    """Every image of `dataset` decoded and resized, by `num_workers` processes (threads would serialise on the
+    GIL: small images cost more Python than decoding), in chunks, in order."""
     n = len(dataset)
     pixels = np.empty((n, side, side, 3), np.uint8)
-    meta: list = [None] * n
-
-    def decode(i: int) -> None:
-        sample = dataset.samples[i]
-        image = load_image(sample.path)
-        meta[i] = boxes_for_decoded_size(sample, image.size)
-        pixels[i] = np.asarray(image.resize((side, side), Image.BILINEAR))
-
-    t0, done, step = time.monotonic(), 0, max(1, n // 10)
-    with ThreadPoolExecutor(num_threads) as pool:
-        for _ in pool.map(decode, range(n), chunksize=64):
-            done += 1
-            if progress and (done % step == 0 or done == n):
-                rate = done / max(time.monotonic() - t0, 1e-9)
+    meta: list = []
+    chunk = max(64, min(1024, -(-n // max(1, num_workers * 4))))
+    starts = range(0, n, chunk)
+    t0, done, next_report = time.monotonic(), 0, 0.0
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(num_workers, mp_context=context) if num_workers > 1 else _Serial() as pool:
+        for start, (block, block_meta) in zip(starts, pool.map(_decode_chunk, (dataset.samples[s:s + chunk]
+                                                                                for s in starts), repeat(side))):
+            pixels[start:start + len(block)] = block
+            meta.extend(block_meta)
+            done += len(block)
+            elapsed = time.monotonic() - t0
+            if progress and (elapsed >= next_report or done == n):
+                next_report = elapsed + 5
+                rate = done / max(elapsed, 1e-9)
                 print(f"decoding {dataset.name} {dataset.split}: {done}/{n} images, {rate:.0f} images/s, "
                       f"ETA {(n - done) / rate:.0f} s", file=sys.stderr, flush=True)
     return pixels, meta
+
+
+class _Serial:
+    """In-process stand-in for a one-worker pool."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def map(fn, *iterables):
+        return map(fn, *iterables)
 
 
 class DeviceDataset:
@@ -55,7 +85,7 @@ class DeviceDataset:
     """
 
     def __init__(self, dataset: WSOLDataset, device: torch.device | str, train: bool, batch_size: int = 256,
-                 channels_last: bool = False, num_threads: int | None = None, progress: bool = True):
+                 channels_last: bool = False, num_workers: int | None = None, progress: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.dataset, self.train, self.batch_size = dataset, train, batch_size
@@ -63,7 +93,7 @@ class DeviceDataset:
         self.img_size = dataset.img_size
         self.channels_last = channels_last
         side = train_resize_size(self.img_size) if train else self.img_size
-        pixels, meta = _decode_all(dataset, side, num_threads or min(32, torch.get_num_threads() * 2), progress)
+        pixels, meta = _decode_all(dataset, side, num_workers or min(16, os.cpu_count() or 1), progress)
         self.images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2)  # [N,3,side,side], NHWC memory
         self.labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long, device=self.device)
         self.orig_sizes = [tuple(size) for size, _ in meta]
