@@ -410,3 +410,21 @@ def test_nonfinite_maps_stop_evaluation_unless_allowed_and_are_counted(shared_da
     report = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert report["metrics"]["M"]["nonfinite_maps"] == 4  # images 0 and 2 of each batch of 3
     assert "4 of 6 M maps held NaN/inf values" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ worker errors
+
+
+def test_loader_worker_error_arrives_as_the_original_one_line_message(shared_data, tmp_path):
+    from dbc_fast.data import DatasetError, build_dataset
+    from dbc_fast.data.loader import build_loader
+
+    data = copy_mini(shared_data, tmp_path)
+    dataset = build_dataset("tiny-imagenet", data, "val", img_size=32)
+    bad = dataset.samples[2].path
+    write_broken_image(bad, keep_header=False)
+    loader = build_loader(dataset, 4, train=False, device="cpu", num_workers=1)
+    with pytest.raises(DatasetError) as e:
+        for _ in loader:
+            pass
+    assert str(e.value).startswith(f"{bad}: ") and len(str(e.value).splitlines()) == 1, str(e.value)

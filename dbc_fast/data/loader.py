@@ -190,6 +190,12 @@ class TorchLoader:
     def __iter__(self):
         self.skipped = []
         non_blocking = self.device.type == "cuda"
+        try:
+            yield from self._batches(non_blocking)
+        except Exception as e:
+            raise _worker_cause(e) from None
+
+    def _batches(self, non_blocking: bool):
         for batch in self.loader:
             self.skipped.extend(batch["skipped"])
             if len(batch["image"]):
@@ -199,6 +205,22 @@ class TorchLoader:
                 batch["image"] = image
                 batch["label"] = batch["label"].to(self.device, non_blocking=non_blocking)
             yield batch
+
+
+def _worker_cause(e: Exception) -> Exception:
+    """A DataLoader worker's error arrives re-raised with the worker's whole traceback in its message; the
+    user needs its last line (e.g. `<file>: cannot read image: ...`), as the same exception type."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    name, _, message = last.partition(": ")
+    if not message or not name.split(".")[-1].strip().isidentifier():
+        return e
+    try:
+        return type(e)(message.strip())
+    except Exception:  # an exception type that needs other arguments
+        return RuntimeError(message.strip())
 
 
 # --- DALI branch (owned by the DALI helper, dbc_fast/data/dali.py) ---
