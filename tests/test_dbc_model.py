@@ -306,3 +306,38 @@ def test_bad_inputs_and_options(models):
         with pytest.raises(ValueError, match=match):
             with torch.device("meta"):
                 create_model(args.pop("arch"), args.pop("num_classes"), **args)
+
+
+def test_tscam_defaults_to_its_own_loss_and_ranking(shared_data):
+    """tscam trains with CE of conv + trans logits and maps/predicts the top-1 of that sum unless cls_loss is set."""
+    from dbc_fast.data import build_dataset, collate
+
+    dataset = build_dataset("tiny-imagenet", str(shared_data / "tiny-imagenet-mini.tar.gz"), "val", img_size=64)
+    batch = collate([dataset[i] for i in range(4)])
+    images, labels = batch["image"], torch.tensor([0, 1, 2, 3])
+    assert create_model(ARCH, NUM_CLASSES, method="dbc").options["cls_loss"] == "prob_mean"
+    assert create_model(ARCH, NUM_CLASSES, method="tscam", cls_loss="ce_mean").options["cls_loss"] == "ce_mean"
+    torch.manual_seed(0)
+    own = create_model(ARCH, NUM_CLASSES, method="tscam").eval()
+    assert own.options["cls_loss"] == "logit_sum"
+    # heads where the two rankings disagree: weights scaled down (untrained eval-mode features are large) and
+    # biases conv (5, 2), trans (-2, 2) on classes 0 and 1 give summed logits 3 < 4 (class 1) but mean
+    # probabilities ~0.48 > ~0.37 (class 0)
+    with torch.no_grad():
+        own.backbone.conv_cls_head.weight.mul_(1e-4)
+        own.backbone.trans_cls_head.weight.mul_(1e-4)
+        own.backbone.conv_cls_head.bias[:2] += torch.tensor([5.0, 2.0])
+        own.backbone.trans_cls_head.bias[:2] += torch.tensor([-2.0, 2.0])
+    explicit = create_model(ARCH, NUM_CLASSES, method="tscam", cls_loss="prob_mean").eval()
+    explicit.load_state_dict(own.state_dict())
+    with torch.no_grad():
+        out, out_explicit = own(images, labels), explicit(images, labels)
+        summed = out["conv_logits"].double() + out["trans_logits"].double()
+        torch.testing.assert_close(out["logits"].double(), summed, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["loss_cla"].double(), F.cross_entropy(summed, labels), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_explicit["loss_cla"], F.nll_loss(out_explicit["logits"], labels))
+        assert out["logits"].argmax(1).eq(1).all() and out_explicit["logits"].argmax(1).eq(0).all()
+        ones, zeros = torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+        torch.testing.assert_close(out["map"], own(images, map_classes=ones)["map"])
+        torch.testing.assert_close(out_explicit["map"], own(images, map_classes=zeros)["map"])
+        assert not torch.allclose(out["map"], out_explicit["map"])

@@ -77,9 +77,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda-neg", type=cli.NON_NEGATIVE, default=0.1, help="weight of L_neg (default 0.1)")
     g.add_argument("--negatives", choices=("cross", "within"), default="cross",
                    help="negative pairs of L_neg: all n x n pairs of the batch, or within-image only (default cross)")
-    g.add_argument("--cls-loss", choices=("prob_mean", "ce_mean", "logit_sum"), default="prob_mean",
+    g.add_argument("--cls-loss", choices=("auto", "prob_mean", "ce_mean", "logit_sum"), default="auto",
                    help="L_cla: NLL of the mean of both branches' probabilities (Eq. 3, prob_mean), the mean "
-                        "of the two CEs (ce_mean, official Conformer) or CE of the summed logits (logit_sum, TS-CAM)")
+                        "of the two CEs (ce_mean, official Conformer) or CE of the summed logits (logit_sum, TS-CAM); "
+                        "auto = logit_sum for tscam, prob_mean otherwise (default auto)")
     g.add_argument("--ops-backend", choices=("auto", "eager", "triton", "cpp"), default="auto",
                    help="implementation of the DBC head ops (default auto)")
     g.add_argument("--map-source", choices=("auto", "sum", "a", "c"), default="auto",

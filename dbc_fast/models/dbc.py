@@ -27,7 +27,8 @@ DEFAULT_OPTIONS: Dict[str, object] = {
     "lambda_pos": 1.0,        # weight of L_pos (Eq. 13)
     "lambda_neg": 0.1,        # weight of L_neg = L_neg^c + L_neg^t (Eq. 13)
     "negatives": "cross",     # "cross": all n x n pairs (Eq. 11); "within": i = j only
-    "cls_loss": "prob_mean",  # Eq. 3 NLL of log((p_t+p_c)/2); "ce_mean" (official Conformer); "logit_sum" (TS-CAM)
+    "cls_loss": "auto",       # Eq. 3 NLL of log((p_t+p_c)/2) "prob_mean"; "ce_mean" (official Conformer);
+                              # "logit_sum" (TS-CAM); auto = logit_sum for tscam, prob_mean otherwise
     "contrastive_eps": 5e-4,  # cosines clamped to [eps, 1-eps] (as C2AM)
     "map_source": "auto",     # dbc/cls map: "sum" (M_a+M_c, Eq. 7), "a" (M_a), "c" (M_c); auto = sum (dbc), a (cls)
     "ops_backend": "auto",    # dbc_fast.ops backend: auto | eager | triton | cpp
@@ -41,7 +42,7 @@ _CHOICES = {
     "mc_kernel_size": (1, 3, 5),
     "norm": ("minmax", "sigmoid"),
     "negatives": ("cross", "within"),
-    "cls_loss": ("prob_mean", "ce_mean", "logit_sum"),
+    "cls_loss": ("auto", "prob_mean", "ce_mean", "logit_sum"),
     "map_source": ("auto", "sum", "a", "c"),
     "ops_backend": ops.BACKEND_NAMES,
 }
@@ -87,6 +88,9 @@ def _validate_options(method: str, options: dict) -> dict:
             opts[name] = 0.0
     if opts["map_source"] == "auto":
         opts["map_source"] = "a" if method == "cls" else "sum"
+    if opts["cls_loss"] == "auto":
+        # TS-CAM trains and ranks classes with the sum of its two heads' logits
+        opts["cls_loss"] = "logit_sum" if method == "tscam" else "prob_mean"
     return opts
 
 
