@@ -4,6 +4,7 @@ Checks: the run finishes; only rank 0 writes (one last.pt / best.pt / metrics.js
 epoch, no stray temporary files); each rank trains on its own shard (train_images = 2 ranks x batch); the
 validation numbers gathered from both ranks equal a single-process `dbc-fast eval` of the same checkpoint
 on the same images; a distributed run killed mid-way resumes under torchrun and finishes.
+gather_negatives: two gloo processes (DDP) give the losses and gradients of one process on the whole batch.
 """
 import json
 import os
@@ -66,3 +67,80 @@ def test_torchrun_two_processes_train_validate_resume(shared_data, tmp_path):
     single = json.load(open(tmp_path / "eval" / "metrics.json"))["metrics"]["M"]
     for key in ("top1_cls", "top5_cls", "gt_known_loc", "top1_loc", "top5_loc", "count"):
         assert single[key] == val[key], key
+
+
+GATHER_ARCH, GATHER_CLASSES = "conformer_tiny_patch16", 5
+
+
+def _calibrated_model(images, **options):
+    """A tiny model with BatchNorm statistics of `images` (identical in every process) in eval mode, so the
+    forward is the same function of each image whatever batch it is in."""
+    from dbc_fast.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(GATHER_ARCH, GATHER_CLASSES, drop_path_rate=0.0, ops_backend="eager", **options)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # running statistics = this one batch's
+    with torch.no_grad():
+        model(images)
+    return model.eval()
+
+
+def _gather_worker(rank, world, init_file, images, labels, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _calibrated_model(images, gather_negatives=True)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        half = images.shape[0] // world
+        rows = slice(rank * half, (rank + 1) * half)
+        out = ddp(images[rows], labels[rows])
+        out["loss"].backward()
+        record = {"even": {k: v.detach() for k, v in out.items() if k.startswith("loss")},
+                  "grads": {name: p.grad for name, p in model.named_parameters()}}
+        with torch.no_grad():  # uneven shards: 3 rows on rank 0, 1 on rank 1
+            rows = slice(0, 3) if rank == 0 else slice(3, 4)
+            out = model(images[rows], labels[rows])
+        record["uneven"] = {k: v for k, v in out.items() if k.startswith("loss")}
+        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_gather_negatives_two_processes_equal_one_process_on_the_global_batch(shared_data, tmp_path):
+    import torch.multiprocessing as mp
+
+    from dbc_fast.data import build_dataset, collate
+
+    dataset = build_dataset("tiny-imagenet", str(shared_data / "tiny-imagenet-mini.tar.gz"), "val", img_size=64)
+    images = collate([dataset[i] for i in (0, 10, 20, 30)])["image"]
+    labels = torch.tensor([0, 1, 2, 3])
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "rendezvous"), images, labels, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    torch.set_num_threads(1)
+    single = _calibrated_model(images)  # gather_negatives off: one process, the whole batch
+    out = single(images, labels)
+    out["loss"].backward()
+    contrastive = ("loss_neg", "loss_neg_c", "loss_neg_t", "loss_pos")
+    for key in contrastive:
+        for record in ranks:
+            for split in ("even", "uneven"):
+                torch.testing.assert_close(record[split][key], out[key].detach(), rtol=1e-5, atol=1e-6)
+    # each rank's L_cla is its own images' mean, as DDP's gradient average expects
+    torch.testing.assert_close((ranks[0]["even"]["loss_cla"] + ranks[1]["even"]["loss_cla"]) / 2,
+                               out["loss_cla"].detach(), rtol=1e-5, atol=1e-6)
+    # a per-rank batch would see other negatives: the test tells the two apart
+    with torch.no_grad():
+        per_rank = single(images[:2], labels[:2])
+    assert not torch.allclose(per_rank["loss_neg"], out["loss_neg"], rtol=1e-3)
+    for name, param in single.named_parameters():
+        scale = param.grad.abs().max().item()
+        for record in ranks:
+            torch.testing.assert_close(record["grads"][name], param.grad, rtol=1e-4, atol=1e-5 * scale + 1e-9,
+                                       msg=lambda m: f"{name}: {m}")

@@ -77,6 +77,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda-neg", type=cli.NON_NEGATIVE, default=0.1, help="weight of L_neg (default 0.1)")
     g.add_argument("--negatives", choices=("cross", "within"), default="cross",
                    help="negative pairs of L_neg: all n x n pairs of the batch, or within-image only (default cross)")
+    g.add_argument("--gather-negatives", action="store_true",
+                   help="under torchrun: the n x n pairs span every rank's images (the global batch), not the "
+                        "rank's own batch")
     g.add_argument("--cls-loss", choices=("auto", "prob_mean", "ce_mean", "logit_sum"), default="auto",
                    help="L_cla: NLL of the mean of both branches' probabilities (Eq. 3, prob_mean), the mean "
                         "of the two CEs (ce_mean, official Conformer) or CE of the summed logits (logit_sum, TS-CAM); "
@@ -91,6 +94,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def model_options(args) -> dict:
     return dict(fstar_block=args.fstar_block, mc_kernel_size=args.mc_kernel_size, norm=args.norm,
                 lambda_pos=args.lambda_pos, lambda_neg=args.lambda_neg, negatives=args.negatives,
+                gather_negatives=args.gather_negatives,
                 cls_loss=args.cls_loss, map_source=args.map_source, ops_backend=args.ops_backend,
                 drop_path_rate=args.drop_path)
 

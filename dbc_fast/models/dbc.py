@@ -27,6 +27,7 @@ DEFAULT_OPTIONS: Dict[str, object] = {
     "lambda_pos": 1.0,        # weight of L_pos (Eq. 13)
     "lambda_neg": 0.1,        # weight of L_neg = L_neg^c + L_neg^t (Eq. 13)
     "negatives": "cross",     # "cross": all n x n pairs (Eq. 11); "within": i = j only
+    "gather_negatives": False,  # under torch.distributed: pairs span every rank's images (global batch)
     "cls_loss": "auto",       # Eq. 3 NLL of log((p_t+p_c)/2) "prob_mean"; "ce_mean" (official Conformer);
                               # "logit_sum" (TS-CAM); auto = logit_sum for tscam, prob_mean otherwise
     "contrastive_eps": 5e-4,  # cosines clamped to [eps, 1-eps] (as C2AM)
@@ -67,6 +68,8 @@ def _validate_options(method: str, options: dict) -> dict:
     for name, allowed in _CHOICES.items():
         if opts[name] not in allowed:
             raise ValueError(f"option {name}={opts[name]!r} is not one of {list(allowed)}")
+    if not isinstance(opts["gather_negatives"], bool):
+        raise ValueError(f"option gather_negatives must be True or False, got {opts['gather_negatives']!r}")
     fb = opts["fstar_block"]
     if isinstance(fb, bool) or not isinstance(fb, int) or not 1 <= fb <= 12:
         raise ValueError(f"option fstar_block must be an int in 1..12 (a Conformer block), got {fb!r}")
@@ -92,6 +95,37 @@ def _validate_options(method: str, options: dict) -> dict:
         # TS-CAM trains and ranks classes with the sum of its two heads' logits
         opts["cls_loss"] = "logit_sum" if method == "tscam" else "prob_mean"
     return opts
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows of x [n_r, ...] concatenated in rank order (n_r may differ between ranks).
+
+    Each rank then computes the same global loss from the gathered rows, so the gradient of this rank's rows
+    is the slice of the incoming gradient that belongs to them; it is multiplied by the world size because
+    DistributedDataParallel averages gradients over ranks (the average then is the global loss's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        count = torch.tensor([x.shape[0]], device=x.device)
+        counts = [torch.empty_like(count) for _ in range(world)]
+        torch.distributed.all_gather(counts, count)
+        counts = torch.cat(counts).tolist()  # the row counts are needed on the host to pad and slice
+        padded = x.new_zeros((max(counts),) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        ctx.start, ctx.rows, ctx.world = sum(counts[:rank]), x.shape[0], world
+        return torch.cat([part[:c] for part, c in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad[ctx.start: ctx.start + ctx.rows] * ctx.world
+
+
+def _distributed_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class DBCModel(nn.Module):
@@ -227,6 +261,10 @@ class DBCModel(nn.Module):
                 fstar = feats["fstar"]
                 masks = torch.stack([out["map_c"], out["map_a"]], dim=1).to(fstar.dtype)
                 fg, bg = ops.masked_pool(fstar, masks, backend=opts["ops_backend"])
+                if opts["gather_negatives"] and _distributed_world() > 1:
+                    # the global batch: every rank's f and b, this rank's rows keeping their gradients
+                    both = _GatherRows.apply(torch.stack([fg, bg], dim=1).contiguous())
+                    fg, bg = both[:, 0], both[:, 1]
                 loss_neg_c, loss_neg_t, loss_pos = ops.contrastive_losses(
                     fg[:, 0], bg[:, 0], fg[:, 1], bg[:, 1], negatives=opts["negatives"],
                     eps=opts["contrastive_eps"], backend=opts["ops_backend"])
