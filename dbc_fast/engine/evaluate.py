@@ -7,6 +7,9 @@ precision / recall (Table 11) at --mask-threshold and at the best threshold, com
 (wsolevaluation conventions). Maps are
 asked for the ground-truth class (`map_classes=labels`) as wsolevaluation does; class-agnostic maps (dbc,
 cls) ignore it. Prints one line per figure (`GT-known Loc (M): 57.30`) and writes OUT/metrics.json.
+The best-threshold figures (best-threshold Loc, MaxBoxAccV2) take their map thresholds from the evaluated
+split itself, or with --threshold-from SPLIT from another split (e.g. val) and are then reported on the
+evaluated split at those thresholds; the output says which.
 Under torchrun every rank evaluates its shard and rank 0 computes the metrics from all of them (the same
 numbers as one process).
 """
@@ -72,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--maps", nargs="+", choices=("M", "M_a", "M_c"), default=["M", "M_a", "M_c"],
                    help="maps to evaluate, where the method has them (default all)")
     p.add_argument("--no-maxboxacc", action="store_true", help="skip MaxBoxAccV2 (the slowest part)")
+    p.add_argument("--threshold-from", default=None, metavar="SPLIT",
+                   help="choose the best-threshold figures' map thresholds (best-threshold Loc, MaxBoxAccV2 per "
+                        "IoU) on SPLIT, e.g. val (cub/ilsvrc with --metadata), and report the evaluated split at "
+                        "them (default: chosen on the evaluated split itself, an optimistic figure)")
     p.add_argument("--mask-threshold", type=cli.FRACTION, default=0.3,
                    help="map threshold for the foreground IoU / precision / recall of a mask set (default 0.3, "
                         "C2AM's cut for its background cues)")
@@ -111,13 +118,43 @@ class MapMetrics:
                 raise ValueError("MapMetrics with mask_threshold needs the masks of every batch")
             self.mask.accumulate(maps, masks)
 
-    def compute(self) -> dict:
+    def compute(self, chosen: dict | None = None) -> dict:
+        """The figures; with `chosen` ({"best_threshold": t, "best_threshold@30": t30, ...}, thresholds picked
+        on another split) the best-threshold Loc and MaxBoxAcc figures are those at the chosen thresholds."""
         out = self.loc.compute()
         if self.box is not None:
             out.update(self.box.compute())
+        if chosen is not None:
+            out.update(self._at_thresholds(chosen))
         if self.mask is not None:
             out.update({MASK_KEYS[k]: v for k, v in self.mask.compute().items() if k in MASK_KEYS})
         return out
+
+
+    def _at_thresholds(self, chosen: dict) -> dict:
+        # the evaluators count every threshold of their grids; read the counts at the chosen ones
+        def index(grid, t):
+            j = int(np.argmin(np.abs(np.asarray(grid, np.float64) - t)))
+            if abs(grid[j] - t) > 1e-6:
+                raise ValueError(f"map threshold {t} is not on this evaluation's grid (same --sweep-interval?)")
+            return j
+
+        loc, out = self.loc, {}
+        offset = 0 if loc.fixed_threshold is None else 1  # the fixed threshold comes first in loc.thresholds
+        j = offset + index(loc.thresholds[offset:], chosen["best_threshold"])
+        k = loc.topk
+        out.update({"best_threshold": loc.thresholds[j], "best_gt_known_loc": loc.gt_known[j] * 100.0 / loc.count,
+                    "best_top1_loc": loc.top1_loc[j] * 100.0 / loc.count,
+                    f"best_top{k}_loc": loc.topk_loc[j] * 100.0 / loc.count})
+        if self.box is not None:
+            accs = []
+            for iou in self.box.iou_thresholds:
+                t = chosen[f"best_threshold@{iou}"]
+                acc = self.box.num_correct[iou][index(self.box.cam_thresholds, t)] * 100.0 / self.box.count
+                out.update({f"MaxBoxAcc@{iou}": acc, f"best_threshold@{iou}": t})
+                accs.append(acc)
+            out["MaxBoxAccV2"] = float(np.average(accs))
+        return {key: float(v) for key, v in out.items()}
 
 
 class NonFiniteMaps(RuntimeError):
@@ -128,9 +165,11 @@ class NonFiniteMaps(RuntimeError):
 def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: float = 0.2,
                    map_keys=("map", "map_a", "map_c"), box_eval: bool = True, threshold_sweep=DEFAULT_SWEEP,
                    progress: bool = True, mask_threshold: float = 0.3, mask_interval: float = 0.01,
-                   allow_nonfinite_maps: bool = False) -> dict:
+                   allow_nonfinite_maps: bool = False, chosen_thresholds: dict | None = None) -> dict:
     """{"M": {...}, "M_a": {...}, "M_c": {...}} of the maps the model gives, over every sample of `loader`
-    (all ranks' shards). Batches with "mask" (a mask set) add the mask figures. Every rank gets the same
+    (all ranks' shards). Batches with "mask" (a mask set) add the mask figures. chosen_thresholds: per map
+    name, the thresholds of the best-threshold figures picked on another split (see chosen_thresholds()),
+    else they are the best ones on these samples. Every rank gets the same
     result. A map with NaN/inf values raises NonFiniteMaps, unless allow_nonfinite_maps: then it is scored as
     an empty map (a miss) and counted in each map's "nonfinite_maps"."""
     from tqdm import tqdm
@@ -179,11 +218,18 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
                                                part["image_size"], masks=part["masks"])
         bar.update(1)
     bar.close()
-    results = {MAP_NAMES[k]: {**ev.compute(), "nonfinite_maps": nonfinite.get(k, 0)}
+    chosen_thresholds = chosen_thresholds or {}
+    results = {MAP_NAMES[k]: {**ev.compute(chosen_thresholds.get(MAP_NAMES[k])), "nonfinite_maps": nonfinite.get(k, 0)}
                for k, ev in evaluators.items()} if main else None
     if was_training:
         model.train()
     return dist_utils.broadcast_object(results)
+
+
+def chosen_thresholds(results: dict) -> dict:
+    """Per map name, the map thresholds of its best-threshold figures in `results` (of evaluate_model)."""
+    return {name: {key: figures[key] for key in figures if key.startswith("best_threshold")}
+            for name, figures in results.items()}
 
 
 def headline(metrics: dict, map_name: str) -> str:
@@ -268,19 +314,48 @@ def main(args) -> int:
                           num_workers=args.num_workers, channels_last=args.channels_last)
     inv = {v: k for k, v in MAP_NAMES.items()}
     t0 = time.perf_counter()
-    results = evaluate_model(model, loader, device, amp=args.amp, cam_threshold=args.cam_threshold,
-                             map_keys=tuple(inv[m] for m in args.maps), box_eval=not args.no_maxboxacc,
-                             threshold_sweep=_sweep(args.sweep_interval), progress=not args.no_progress,
-                             mask_threshold=args.mask_threshold,
-                             mask_interval=args.sweep_interval if args.sweep_interval > 0 else 0.01,
-                             allow_nonfinite_maps=args.allow_nonfinite_maps)
+
+    def run(eval_loader, chosen=None):
+        return evaluate_model(model, eval_loader, device, amp=args.amp, cam_threshold=args.cam_threshold,
+                              map_keys=tuple(inv[m] for m in args.maps), box_eval=not args.no_maxboxacc,
+                              threshold_sweep=_sweep(args.sweep_interval), progress=not args.no_progress,
+                              mask_threshold=args.mask_threshold,
+                              mask_interval=args.sweep_interval if args.sweep_interval > 0 else 0.01,
+                              allow_nonfinite_maps=args.allow_nonfinite_maps, chosen_thresholds=chosen)
+
+    threshold_split, threshold_results, chosen, threshold_images = split, None, None, len(dataset)
+    if args.threshold_from:
+        threshold_split = args.threshold_from
+        if threshold_split == split:
+            raise SystemExit(f"--threshold-from {threshold_split} is the evaluated split itself; name another "
+                             f"split (or leave the option out)")
+        if args.sweep_interval <= 0:
+            raise SystemExit("--threshold-from needs the threshold sweep (--sweep-interval > 0)")
+        picking = _limit(build_dataset(args.dataset, args.data, threshold_split, img_size=args.img_size,
+                                       train=False, missing_images=args.missing_images, **dataset_options(args)),
+                         args.limit_images)
+        check_classes(picking.class_names, config, args.data, args.checkpoint)
+        threshold_images = len(picking)
+        threshold_results = run(build_loader(picking, args.batch_size, train=False, loader=loader_name,
+                                             device=device, num_workers=args.num_workers,
+                                             channels_last=args.channels_last))
+        chosen = chosen_thresholds(threshold_results)
+    results = run(loader, chosen)
     elapsed = time.perf_counter() - t0
+    threshold_note = (f"best-threshold figures (Loc, MaxBoxAccV2): map thresholds chosen on {threshold_split} "
+                      f"({threshold_images} images), reported on {split}" if args.threshold_from else
+                      f"best-threshold figures (Loc, MaxBoxAccV2): map thresholds chosen on {split} itself "
+                      f"(optimistic; --threshold-from val chooses them on a validation split)")
     if dist_utils.is_main():
         os.makedirs(args.out, exist_ok=True)
         report = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "data": args.data,
                   "split": split, "images": len(dataset), "img_size": args.img_size,
                   "arch": config["arch"], "method": config["method"], "metrics": results,
+                  "threshold_from": threshold_split, "threshold_note": threshold_note,
                   "time_s": elapsed}
+        if threshold_results is not None:
+            report["threshold_split_images"] = threshold_images
+            report["threshold_split_metrics"] = threshold_results
         path = os.path.join(args.out, "metrics.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -289,6 +364,7 @@ def main(args) -> int:
         print(f"{config['arch']}/{config['method']} on {args.dataset} {split} ({len(dataset)} images):")
         for line in format_results(results):
             print(line)
+        print(threshold_note)
         for name, figures in results.items():
             if figures.get("nonfinite_maps"):
                 print(f"WARNING: {figures['nonfinite_maps']} of {len(dataset)} {name} maps held NaN/inf values and "
