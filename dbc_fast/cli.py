@@ -1,4 +1,4 @@
-"""`dbc-fast` (also `python -m dbc_fast`): train, eval, predict, export, bench-loader, profile.
+"""`dbc-fast` (also `python -m dbc_fast`): train, eval, predict, export, bench-loader, profile, visualize.
 
 Every subcommand lives in its own module with `add_arguments(parser)` and `main(args) -> int`. A module
 that cannot be imported (e.g. an optional part not installed) only fails when its subcommand is used.
@@ -20,6 +20,7 @@ COMMANDS = {
     "export": ("dbc_fast.export", "export a checkpoint to TorchScript / torch.export (AOTInductor)"),
     "bench-loader": ("dbc_fast.data.bench_loader", "measure data loader throughput (torch vs DALI)"),
     "profile": ("dbc_fast.engine.profile", "parameters, MACs, inference memory and epoch time (paper Table 10)"),
+    "visualize": ("dbc_fast.engine.visualize", "panels of M_a, M_c and M with boxes for a split's images (Figs. 3-5, 7)"),
 }
 
 

@@ -89,7 +89,9 @@ def test_predict_writes_json_in_original_pixels_and_drawings(trained, tmp_path, 
         x0, y0, x1, y1 = p["box"]
         assert 0 <= x0 <= x1 <= w - 1 and 0 <= y0 <= y1 <= h - 1
         drawing = Image.open(p["drawing"])
-        assert drawing.size == (w, h) and drawing.format == "PNG"
+        # the image beside M_a, M_c and M, each upscaled to a shorter side of 256 px, text strips around
+        assert drawing.format == "PNG" and drawing.size[0] >= 4 * round(w * 256 / min(w, h))
+        assert drawing.size[1] > 256
     assert "a.jpg:" in capsys.readouterr().out
 
 
@@ -145,4 +147,6 @@ def test_missing_required_options_and_unknown_command(capsys):
     with pytest.raises(SystemExit):
         main(["fly"])
     assert "unknown command 'fly'" in capsys.readouterr().err
-    assert set(COMMANDS) == {"train", "eval", "predict", "export", "bench-loader", "profile"}
+    assert set(COMMANDS) == {"train", "eval", "predict", "export", "bench-loader", "profile", "visualize"}
+    with pytest.raises(SystemExit, match="missing required option.*--checkpoint"):
+        main(["visualize", "--dataset", "cub", "--data", "x", "--out", "y"])

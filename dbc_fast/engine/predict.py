@@ -4,7 +4,8 @@ Each image is resized to S x S (S = --img-size, default: the checkpoint's), norm
 model. The map (M) is resized to the ORIGINAL image size, min-max normalised and thresholded at
 --cam-threshold; the box is the bounding box of the largest connected region (dbc_fast.metrics
 .extract_boxes), in original image pixels [x0, y0, x1, y1] (inclusive). Writes OUT/predictions.json; with
---draw also OUT/<image name>.png: the map as a heat-map overlay with the box and the class drawn.
+--draw also OUT/<image name>.png: the image beside its maps (M_a, M_c, M for dbc/cls; M for cam/tscam) as
+heat-maps with their boxes, drawn by dbc_fast.engine.visualize.render_panel.
 An image that cannot be read stops the run with its file named.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2, help="map threshold for the box (default 0.2)")
     p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=16, help="images per forward pass (default 16)")
     p.add_argument("--topk", type=cli.POSITIVE_INT, default=5, help="also list the top-k classes (default 5)")
-    p.add_argument("--draw", action="store_true", help="write a PNG per image with the map and box drawn")
+    p.add_argument("--draw", action="store_true", help="write a PNG per image: the image beside its maps with their boxes")
     # --- DALI branch (DALI helper) ---
     p.add_argument("--loader", choices=("torch", "dali", "auto"), default="torch",
                    help="image decoding + resizing: PIL (torch) or NVIDIA DALI (GPU decode on cuda); auto = DALI "
@@ -85,23 +86,6 @@ def map_to_original(m: torch.Tensor, w: int, h: int) -> np.ndarray:
     up = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_CUBIC)
     lo, hi = float(up.min()), float(up.max())
     return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
-
-
-def draw(image, heat: np.ndarray, box, label: str, path: str) -> None:
-    import cv2
-
-    rgb = np.asarray(image, dtype=np.uint8)
-    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]  # BGR -> RGB
-    over = (0.5 * rgb + 0.5 * colour).astype(np.uint8).copy()
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    thick = max(1, min(rgb.shape[:2]) // 150)
-    cv2.rectangle(over, (x0, y0), (x1, y1), (0, 255, 0), thick)
-    scale = max(0.35, min(rgb.shape[:2]) / 600)
-    cv2.putText(over, label, (max(0, x0) + 2, max(12, y0 + int(14 * scale * 2))), cv2.FONT_HERSHEY_SIMPLEX,
-                scale, (255, 255, 255), max(1, thick), cv2.LINE_AA)
-    from PIL import Image
-
-    Image.fromarray(over).save(path)
 
 
 def _batches(files, size, names, args, device):
@@ -174,7 +158,10 @@ def main(args) -> int:
                 count = used_names.get(stem, 0)
                 used_names[stem] = count + 1
                 png = os.path.join(args.out, f"{stem}.png" if count == 0 else f"{stem}_{count}.png")
-                draw(image, heat, box, f"{names[cls]} {top_p[j, 0]:.2f}", png)
+                from .visualize import model_maps, render_panel
+
+                render_panel(image, model_maps(out, j), args.cam_threshold,
+                             f"{os.path.basename(path)}   predicted: {names[cls]} ({top_p[j, 0]:.2f})")[0].save(png)
                 record["drawing"] = png
             predictions.append(record)
     path = os.path.join(args.out, "predictions.json")
