@@ -15,6 +15,8 @@ def _without_autocast(fn):
     -inf for nearly parallel vectors."""
     def wrapper(*args, **kwargs):
         device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        if not torch.amp.is_autocast_available(device):  # e.g. meta tensors: nothing to turn off
+            return fn(*args, **kwargs)
         with torch.autocast(device_type=device, enabled=False):
             return fn(*args, **kwargs)
 
