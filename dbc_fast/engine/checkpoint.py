@@ -22,13 +22,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import random
 import shutil
 import tempfile
 
 import numpy as np
 import torch
+
+from ..models.pretrained import read_checkpoint_file
 
 
 class CheckpointError(ValueError):
@@ -105,19 +106,10 @@ def link_or_copy(src: str, dst: str) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        # weights_only: tensors and plain types only; unpickling never runs code from the file
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file, or pickled objects weights_only refuses
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        if isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower():
-            detail = next(ln for ln in lines if "global" in ln.lower())
-            raise CheckpointError(f"refusing checkpoint {path}: it holds pickled objects other than tensors and "
-                                  f"plain types, which would run code to load ({detail[:200]})") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
-                              f"{lines[0] if lines else ''}") from None
+        ckpt = read_checkpoint_file(path, map_location=map_location)
+    except (FileNotFoundError, ValueError) as e:  # missing, not a torch file, or holding pickled objects
+        raise CheckpointError(str(e)) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a dbc_fast checkpoint (expected a dict with 'model' and 'config'; "
                          f"for an official Conformer ImageNet checkpoint use --pretrained)")

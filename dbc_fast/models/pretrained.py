@@ -30,13 +30,13 @@ _MM_RENAMES = ((".ln1.", ".norm1."), (".ln2.", ".norm2."), (".ffn.layers.0.0.", 
                (".ffn.layers.1.", ".mlp.fc2."))
 
 
-def _read_file(path: str):
+def read_checkpoint_file(path: str, map_location="cpu"):
     """torch.load with weights_only=True: tensors and plain types only; a pickled object (which would run
-    code to load) is refused, never executed."""
+    code to load) is refused, never executed. FileNotFoundError / ValueError name the file and the problem."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # not a torch file, truncated, or pickled objects weights_only refuses
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         if isinstance(err, pickle.UnpicklingError) and "global" in str(err).lower():
@@ -195,7 +195,7 @@ def load_pretrained(model: nn.Module, path: str) -> nn.Module:
     count differs. Raises ValueError naming the mismatching keys/shapes for any other file. Returns model.
     """
     path = os.fspath(path)
-    sd = extract_state_dict(_read_file(path), path)
+    sd = extract_state_dict(read_checkpoint_file(path), path)
     backbone = model if isinstance(model, Conformer) else getattr(model, "backbone", None)
     if not isinstance(backbone, Conformer):
         raise TypeError(f"load_pretrained wants a Conformer or a DBC model, got {type(model).__name__}")
