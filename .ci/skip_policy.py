@@ -1,19 +1,19 @@
 """pytest plugin for CI (.ci/run loads it with ``-p skip_policy``): a run in which any test was skipped for a
 reason other than needing a CUDA GPU fails, so a green CI means every test that can run on the machine ran.
 
-A skip counts as needing a GPU when the test carries a ``cuda`` or ``gpu`` marker, or when its reason says it
-needs one ("needs a CUDA GPU", "requires CUDA"). Anything else (a package, library, tool or file that is
-missing, an API a version lacks) is a step the install missed; such skips, also of whole modules, are listed
-under "CI skip policy".
+A skip counts as needing a GPU when the test carries a ``cuda`` or ``gpu`` marker, or when its reason names CUDA
+or a GPU ("needs a CUDA GPU", "measured on CUDA only") and no install step: a reason that speaks of a toolkit,
+compiler, headers, a version, or something missing / not installed / not built / not importable is a step the
+install missed, even when it names CUDA. Such skips, also of whole modules, are listed under "CI skip policy".
 """
 import re
 
 import pytest
 
 GPU_MARKERS = {"cuda", "gpu"}
-# "needs a CUDA GPU", "needs CUDA: ...", "requires a GPU"; not "needs a CUDA toolkit" (an install step).
-NEEDS_GPU = re.compile(r"\b(needs?|requires?)\s+(an?\s+)?(cuda|gpu)\b(?!\s+(toolkit|compiler|headers|runtime))",
-                       re.IGNORECASE)
+NAMES_GPU = re.compile(r"\b(cuda|gpus?)\b", re.IGNORECASE)
+INSTALL_STEP = re.compile(r"\b(toolkit|nvcc|compilers?|headers?|versions?|missing|not (installed|built|found)|"
+                          r"cannot be (imported|found|built)|no module)\b", re.IGNORECASE)
 
 _gpu_marked = set()
 _refused = []
@@ -25,8 +25,9 @@ def _reason(report):
 
 
 def needs_gpu(gpu_marked, reason):
-    """True when CI allows a skip: of a test marked cuda/gpu, or with a reason saying it needs a CUDA GPU."""
-    return gpu_marked or bool(NEEDS_GPU.search(reason))
+    """True when CI allows a skip: of a test marked cuda/gpu, or with a reason naming CUDA/a GPU and no install
+    step."""
+    return gpu_marked or bool(NAMES_GPU.search(reason) and not INSTALL_STEP.search(reason))
 
 
 def pytest_configure(config):
@@ -41,7 +42,7 @@ def pytest_collection_modifyitems(items):
 
 def pytest_collectreport(report):
     # a whole module skipped at import (pytest.importorskip, allow_module_level)
-    if report.skipped and not NEEDS_GPU.search(_reason(report)):
+    if report.skipped and not needs_gpu(False, _reason(report)):
         _refused.append((report.nodeid, _reason(report)))
 
 
