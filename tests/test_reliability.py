@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -428,3 +429,209 @@ def test_loader_worker_error_arrives_as_the_original_one_line_message(shared_dat
         for _ in loader:
             pass
     assert str(e.value).startswith(f"{bad}: ") and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+def progress_args(args):
+    return [a for a in args if a != "--no-progress"]
+
+
+def test_progress_off_a_terminal_is_plain_lines_with_rate_and_eta(shared_data, tmp_path, monkeypatch, capsys):
+    # captured stderr is not a terminal, as a log file: no carriage-return bar, a line per interval (0 s here)
+    use_stand_in(monkeypatch)
+    monkeypatch.setenv("DBC_FAST_PROGRESS_SECONDS", "0")
+    out = tmp_path / "run"
+    assert cli_main(progress_args(common_args(mini(shared_data), out, "--epochs", "1", "--max-steps-per-epoch", "3",
+                                              "--limit-val-images", "4"))) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    steps = [ln for ln in lines if ln.startswith("epoch 1/1: ")]
+    assert [ln.split(" ")[2] for ln in steps] == ["1/3", "2/3", "3/3", "3/3"]  # per step, then the last line
+    assert all(" step/s, ETA " in ln for ln in steps[:3]) and ", took " in steps[-1] and "loss=" in steps[-1]
+    assert cli_main(["eval", "--dataset", "tiny-imagenet", "--data", str(mini(shared_data)), "--checkpoint",
+                     str(out / "last.pt"), "--img-size", "32", "--device", "cpu", "--num-workers", "0",
+                     "--limit-images", "4", "--batch-size", "2", "--out", str(tmp_path / "eval")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(" ")[1] for ln in lines if ln.startswith("evaluating: ")] == ["1/2", "2/2", "2/2"]
+    assert ", took " in lines[-1] or any(ln.startswith("evaluating: 2/2 batch, ") and ", took " in ln for ln in lines)
+
+    # the default interval is 30 s: a short run prints only each part's last line
+    monkeypatch.delenv("DBC_FAST_PROGRESS_SECONDS")
+    assert cli_main(progress_args(common_args(mini(shared_data), tmp_path / "run2", "--epochs", "1",
+                                              "--max-steps-per-epoch", "3", "--val-split", "none"))) == 0
+    steps = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epoch 1/1: ")]
+    assert len(steps) == 1 and steps[0].startswith("epoch 1/1: 3/3 step, ") and ", took " in steps[0]
+
+
+class FakeTerminal:
+    """A stderr that says it is a terminal, keeping what is written (bars included)."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def box_outside_training_data(shared_data, tmp_path):
+    """A copy of the mini set whose first training image's box lies wholly outside its 64x64 image."""
+    from dbc_fast.data import build_dataset
+
+    data = copy_mini(shared_data, tmp_path)
+    sample = build_dataset("tiny-imagenet", data, "train", img_size=32).samples[0]
+    boxes_file = os.path.join(os.path.dirname(os.path.dirname(sample.path)),
+                              os.path.basename(os.path.dirname(os.path.dirname(sample.path))) + "_boxes.txt")
+    lines = open(boxes_file).read().splitlines()
+    name = os.path.basename(sample.path)
+    assert lines[0].split("\t")[0] == name
+    lines[0] = f"{name}\t70\t10\t90\t58"
+    open(boxes_file, "w").write("\n".join(lines) + "\n")
+    return data, sample.path
+
+
+def test_warnings_during_a_terminal_bar_print_on_their_own_line(shared_data, tmp_path, monkeypatch):
+    use_stand_in(monkeypatch)
+    data, bad = box_outside_training_data(shared_data, tmp_path)
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli_main(progress_args(common_args(data, tmp_path / "run", "--epochs", "1", "--limit-train-images", "4",
+                                              "--val-split", "none"))) == 0
+    text = terminal.text
+    assert "epoch 1/1: " in text and "%|" in text  # a tqdm bar was drawn
+    (line,) = [ln for ln in text.replace("\r", "\n").split("\n") if "wholly outside" in ln]
+    assert "%|" not in line  # no piece of a bar before or after it
+    assert line.split(": UserWarning: ")[1].startswith(
+        f"{bad}: box(es) [[70.0, 10.0, 90.0, 58.0]] lie wholly outside the 64x64 image: dropped")
+
+
+# ---------------------------------------------------------------------------------------- dataset warnings
+
+
+def test_a_training_box_wholly_outside_its_image_is_said_not_counted_as_unreadable(shared_data, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from dbc_fast.data import DatasetError, build_dataset
+
+    use_stand_in(monkeypatch)
+    data, bad = box_outside_training_data(shared_data, tmp_path)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning) as said:
+        assert cli_main(common_args(data, out, "--epochs", "1", "--limit-train-images", "4",
+                                    "--val-split", "none")) == 0
+    (record,) = read_jsonl(out / "metrics.jsonl")
+    assert record["skipped_images"] == 0 and record["train_images"] == 4  # the image trains on its label
+    messages = [str(w.message) for w in said]
+    assert f"{bad}: box(es) [[70.0, 10.0, 90.0, 58.0]] lie wholly outside the 64x64 image: dropped (training uses " \
+           f"the image's label, not its boxes)" in messages
+    assert not [m for m in messages + [capsys.readouterr().err] if "unreadable" in m or "skipped" in m]
+
+    # evaluation needs the box: there it stops, saying so
+    with pytest.raises(DatasetError, match=r"lie wholly outside the 64x64 image") as e:
+        build_dataset("tiny-imagenet", data, "train", img_size=32)[0]
+    assert e.value.path == bad
+
+
+def test_a_class_without_images_gets_one_warning_naming_it(shared_data, tmp_path):
+    import shutil
+    import warnings
+
+    from dbc_fast.data import build_dataset
+
+    data = copy_mini(shared_data, tmp_path)
+    names = [ln.strip() for ln in open(data / "wnids.txt")]
+    for gone in (names[1], names[4]):
+        shutil.rmtree(data / "train" / gone / "images")
+        (data / "train" / gone / "images").mkdir()
+        (data / "train" / gone / f"{gone}_boxes.txt").write_text("")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = build_dataset("tiny-imagenet", data, "train", img_size=32, train=True)
+    said = [str(w.message) for w in caught if "no images" in str(w.message)]
+    assert said == [f"tiny-imagenet train: 2 of 10 classes have no images: {names[1]}, {names[4]}"]
+    assert ds.num_classes == 10 and {s.label for s in ds.samples} == set(range(10)) - {1, 4}
+    with warnings.catch_warnings(record=True) as caught:  # the full set: nothing to say
+        warnings.simplefilter("always")
+        build_dataset("tiny-imagenet", mini(shared_data), "train", img_size=32, train=True)
+    assert not [w for w in caught if "no images" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------ large images
+
+
+@pytest.fixture(scope="module")
+def raccoon_photo(tmp_path_factory):
+    """A real photo (650x417) and the same photo upscaled to 6000x3849 (23 megapixels), as JPEGs."""
+    import tarfile
+
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("raccoon")
+    with tarfile.open(os.path.join(ROOT, "..", "shared", "data", "raccoon.tar")) as tar:
+        member = tar.getmember("raccoon/images/raccoon-1.jpg")
+        (folder / "raccoon-1.jpg").write_bytes(tar.extractfile(member).read())
+    photo = Image.open(folder / "raccoon-1.jpg").convert("RGB")
+    photo.resize((6000, 3849), Image.BILINEAR).save(folder / "large.jpg", quality=90)
+    return folder / "raccoon-1.jpg", folder / "large.jpg"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_checkpoint(tmp_path_factory):
+    import dbc_fast
+    from dbc_fast.engine.checkpoint import model_config, save_atomic
+
+    torch.manual_seed(0)
+    model = dbc_fast.create_model("conformer_tiny_patch16", 3, method="cls")
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_atomic({"model": model.state_dict(), "config": model_config(model, 64, ["a", "b", "c"], "test")}, str(path))
+    return path
+
+
+def test_predict_refuses_an_image_above_the_pixel_limit_in_one_line(raccoon_photo, tiny_model_checkpoint, tmp_path,
+                                                                    capsys):
+    _, large = raccoon_photo
+    argv = ["predict", "--checkpoint", str(tiny_model_checkpoint), "--images", str(large), "--device", "cpu",
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv + ["--max-megapixels", "20"])
+    assert str(e.value) == (f"image {large} is 6000x3849 = 23.1 megapixels, above the 20-megapixel limit "
+                            f"(raise it with --max-megapixels)")
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert cli_main(argv) == 0  # the default limit is 64 megapixels
+    (record,) = json.load(open(tmp_path / "out" / "predictions.json"))["predictions"]
+    assert record["image_size"] == [6000, 3849]
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_boxed_in_original_pixels(raccoon_photo, tiny_model_checkpoint):
+    from PIL import Image
+
+    from dbc_fast.engine.checkpoint import load_model
+    from dbc_fast.engine.predict import _load, _to_tensor, box_in_original, map_to_original
+    from dbc_fast.metrics import extract_boxes
+
+    small, large = raccoon_photo
+    reduced, size, region = _load(str(large), 4 * 64)
+    assert size == (6000, 3849) and reduced.size == (750, 482)  # DCT scaling 1/8, still >= 256 on each side
+    assert region == (0, 0, 750, 3849 / 8)  # the last row holds 1/8 of a row of the original
+    full = Image.open(large).convert("RGB")
+    difference = (_to_tensor(full, 64) - _to_tensor(reduced, 64, region)).abs() * 0.225 * 255  # in grey levels
+    assert float(difference.max()) <= 3.01 and float(difference.mean()) < 0.2  # the full decode's input, nearly
+    same, size, region = _load(str(small), 4 * 64)  # 417 < 2 x 256: decoded at full size
+    assert same.size == size == (650, 417) and region == (0, 0, 650, 417)
+
+    # the box from the full-size map, computed in bands of rows, is extract_boxes' box to the pixel
+    model, _ = load_model(str(tiny_model_checkpoint), device=torch.device("cpu"))
+    with torch.no_grad():
+        maps = model(torch.stack([_to_tensor(reduced, 64), _to_tensor(same, 64)]))["map"].float()
+    for m, (w, h) in [(maps[0], (6000, 3849)), (maps[1], (650, 417)), (maps[1] ** 3, (650, 417)),
+                      (torch.zeros_like(maps[1]), (650, 417))]:
+        for threshold in (0.2, 0.5, 0.8):
+            want = np.asarray(extract_boxes(map_to_original(m, w, h), threshold)).reshape(-1, 4)[0].tolist()
+            assert box_in_original(m, w, h, threshold, band_rows=37) == want

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from ..progress import Progress
+
 DATASETS = ("images", "cub", "ilsvrc", "tiny-imagenet", "folder")
 ARCHS = ("conformer_tiny_patch16", "conformer_small_patch16", "conformer_small_patch32", "conformer_base_patch16")
 
@@ -116,18 +118,22 @@ def _sync(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------- measurements
-def measure_loader(loader, device, warmup: int, batches: int) -> dict:
-    """images/s of pulling `batches` batches after `warmup` (timed from the first timed batch request)."""
+def measure_loader(loader, device, warmup: int, batches: int, desc: str = "") -> dict:
+    """images/s of pulling `batches` batches after `warmup` (timed from the first timed batch request);
+    with `desc`, progress on stderr (see dbc_fast.progress)."""
     it = _batches_forever(loader)
-    for _ in range(warmup):
-        next(it)
-    _sync(device)
-    images = 0
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        images += len(next(it)["index"])
-    _sync(device)
-    seconds = time.perf_counter() - t0
+    with Progress(warmup + batches, desc, unit="batch", enabled=bool(desc)) as bar:
+        for _ in range(warmup):
+            next(it)
+            bar.update()
+        _sync(device)
+        images = 0
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            images += len(next(it)["index"])
+            bar.update()
+        _sync(device)
+        seconds = time.perf_counter() - t0
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
 
 
@@ -150,21 +156,24 @@ def make_train_step(args, num_classes: int, device: torch.device):
     return step
 
 
-def measure_train_step(step, batches, device, warmup: int, steps: int) -> dict:
+def measure_train_step(step, batches, device, warmup: int, steps: int, desc: str = "") -> dict:
     images = 0
-    for _ in range(warmup):
-        b = next(batches)
-        step(b["image"], b["label"])
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        b = next(batches)
-        if len(b["label"]) == 0:
-            continue
-        step(b["image"], b["label"])
-        images += len(b["label"])
-    _sync(device)
-    seconds = time.perf_counter() - t0
+    with Progress(warmup + steps, desc, unit="step", enabled=bool(desc)) as bar:
+        for _ in range(warmup):
+            b = next(batches)
+            step(b["image"], b["label"])
+            bar.update()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            b = next(batches)
+            bar.update()
+            if len(b["label"]) == 0:
+                continue
+            step(b["image"], b["label"])
+            images += len(b["label"])
+        _sync(device)
+        seconds = time.perf_counter() - t0
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
 
 
@@ -224,7 +233,8 @@ def run(args) -> dict:
             print(f"bench-loader: {name}: {e}", file=sys.stderr)
             result["loaders"][name] = {"error": str(e)}
             continue
-        result["loaders"][name] = {"loader": measure_loader(loader, device, args.warmup, args.batches)}
+        result["loaders"][name] = {"loader": measure_loader(loader, device, args.warmup, args.batches,
+                                                                   desc=f"{name} loader")}
         _print_line(name, "loader", result["loaders"][name]["loader"])
         del loader
 
@@ -233,12 +243,14 @@ def run(args) -> dict:
         working = [n for n in loaders if "error" not in result["loaders"][n]] or ["torch"]
         first = next(_batches_forever(new_loader(working[0])))
         fixed = {"image": first["image"].to(device), "label": first["label"].to(device)}
-        result["step_only"] = measure_train_step(step, _fixed_batches(fixed), device, args.warmup, steps)
+        result["step_only"] = measure_train_step(step, _fixed_batches(fixed), device, args.warmup, steps,
+                                                 desc="train step alone")
         _print_line("(none)", "step only", result["step_only"])
         for name in loaders:
             if "error" in result["loaders"][name]:
                 continue
-            measured = measure_train_step(step, _batches_forever(new_loader(name)), device, args.warmup, steps)
+            measured = measure_train_step(step, _batches_forever(new_loader(name)), device, args.warmup, steps,
+                                          desc=f"{name} loader + train step")
             result["loaders"][name]["train_step"] = measured
             _print_line(name, "train step", measured)
 

@@ -149,7 +149,7 @@ def sample_boxes(sample, decoded_wh: tuple[int, int], img_size: int,
     """(orig_size, boxes in the output image's pixels) of a sample, as WSOLDataset/EvalTransform/
     TrainTransform compute them: boxes refer to `sample.size` where known, else the decoded size (clipped
     to it); params None = evaluation (scale to S x S), else the training crop/flip."""
-    size, boxes = boxes_for_decoded_size(sample, decoded_wh)
+    size, boxes = boxes_for_decoded_size(sample, decoded_wh, train=params is not None)
     s = img_size
     if params is None:
         out = scale_boxes(boxes, size, s, s)

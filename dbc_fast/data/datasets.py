@@ -56,18 +56,33 @@ def load_mask(path: str, decoded_wh: tuple[int, int], img_size: int) -> torch.Te
     return torch.from_numpy(cv2.resize(mask, (img_size, img_size), interpolation=cv2.INTER_NEAREST))
 
 
-def boxes_for_decoded_size(sample: Sample, decoded_wh: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray]:
+def boxes_for_decoded_size(sample: Sample, decoded_wh: tuple[int, int], train: bool = False,
+                           notes: list | None = None) -> tuple[tuple[int, int], np.ndarray]:
     """(image size, boxes) of a sample once decoded: boxes refer to `sample.size` where the metadata gave it;
-    where it did not, the decoded size is known only now and the clipping policy of readers.check_box applies."""
+    where it did not, the decoded size is known only now and the policy of readers.check_box applies: a box
+    reaching outside is clipped, with a warning; a box wholly outside is an error, except in training, which
+    uses the image's label and not its boxes: there the box is dropped with a warning that says so. The
+    warnings go to `notes` when given (a worker process hands them to the main one), else warnings.warn."""
     size = tuple(sample.size) if sample.size is not None else tuple(decoded_wh)
     boxes = sample.boxes
+    said = []
     if sample.size is None and len(boxes):
         w, h = size
-        if (boxes[:, 0] > w).any() or (boxes[:, 1] > h).any():
-            raise DatasetError(f"a box {boxes.tolist()} lies entirely outside the {w}x{h} image", sample.path)
+        outside = (boxes[:, 0] > w) | (boxes[:, 1] > h)
+        if outside.any():
+            what = f"box(es) {boxes[outside].tolist()} lie wholly outside the {w}x{h} image"
+            if not train:
+                raise DatasetError(what, sample.path)
+            said.append(f"{sample.path}: {what}: dropped (training uses the image's label, not its boxes)")
+            boxes = boxes[~outside]
         if (boxes[:, 2] > w).any() or (boxes[:, 3] > h).any():
-            warnings.warn(f"{sample.path}: box(es) reach outside the {w}x{h} image and were clipped to it")
+            said.append(f"{sample.path}: box(es) reach outside the {w}x{h} image and were clipped to it")
             boxes = np.minimum(boxes, np.array([w, h, w, h], np.float32))
+    for note in said:
+        if notes is not None:
+            notes.append(note)
+        else:
+            warnings.warn(note, stacklevel=2)
     return size, boxes
 
 
@@ -98,10 +113,11 @@ class WSOLDataset(torch.utils.data.Dataset):
             if self.on_corrupt == "skip":
                 return SkippedSample(index, sample.path, e.reason, self.img_size)
             raise
-        size, boxes = boxes_for_decoded_size(sample, image.size)
+        notes: list | None = [] if self.train else None  # training: said by the loop's SkippedImages, once
+        size, boxes = boxes_for_decoded_size(sample, image.size, train=self.train, notes=notes)
         tensor, boxes = self.transform(image, boxes, size)
         item = {"image": tensor, "label": sample.label, "boxes": boxes, "orig_size": tuple(size),
-                "path": sample.path, "index": index}
+                "path": sample.path, "index": index, "notes": notes or []}
         if sample.mask is not None and not self.train:  # masks serve evaluation; training uses labels only
             item["mask"] = load_mask(sample.mask, image.size, self.img_size)
         return item
@@ -134,6 +150,7 @@ def collate(items: list) -> dict:
         "path": [it["path"] for it in kept],
         "index": torch.tensor([it["index"] for it in kept], dtype=torch.long),
         "skipped": skipped,
+        "notes": [note for it in kept for note in it.get("notes", ())],
     }
     if kept and all("mask" in it for it in kept):
         batch["mask"] = torch.stack([it["mask"] for it in kept])
@@ -144,7 +161,8 @@ class SkippedImages:
     """Counts the images a loader skipped (batch["skipped"]) and stops the run when there are too many.
 
     Use: `tracker = SkippedImages(len(dataset)); for batch in loader: tracker.update(batch) ...;
-    print(tracker.summary())`. More than `max_fraction` of the dataset skipped raises DatasetError.
+    print(tracker.summary())`. More than `max_fraction` of the dataset skipped raises DatasetError. The
+    batch's notes (boxes dropped or clipped, found in a loader's worker process) are warned here.
     """
 
     def __init__(self, dataset_size: int, max_fraction: float = 0.01):
@@ -157,6 +175,8 @@ class SkippedImages:
         return len(self.paths)
 
     def update(self, batch: dict) -> int:
+        for note in batch.get("notes", ()):  # e.g. a box dropped in a loader's worker process: said here, once
+            warnings.warn(note)
         for item in batch.get("skipped", ()):
             if item.path not in self.paths:
                 self.paths[item.path] = item.reason
@@ -236,8 +256,20 @@ def build_dataset(name: str, root: str | os.PathLike, split: str, img_size: int 
                           f"left out (missing_images='skip'); {len(result.samples)} remain")
         readers.require_samples(result, f"{name} split {split!r} (no listed image exists)", root_dir)
     readers.warn_clipped(result, f"{name} {split}")
+    if train:
+        warn_empty_classes(result, f"{name} {split}")
     return WSOLDataset(result.samples, result.class_names, img_size=img_size, train=train, name=name, split=split,
                        root=str(root_dir), on_corrupt=on_corrupt)
+
+
+def warn_empty_classes(result: ReadResult, what: str) -> None:
+    """One warning naming the classes without a single image: the model cannot learn them."""
+    counts = np.bincount([s.label for s in result.samples], minlength=len(result.class_names))
+    empty = [name for name, count in zip(result.class_names, counts) if count == 0]
+    if empty:
+        names = ", ".join(empty[:20]) + (f" and {len(empty) - 20} more" if len(empty) > 20 else "")
+        warnings.warn(f"{what}: {len(empty)} of {len(result.class_names)} classes have no images: {names}",
+                      stacklevel=3)
 
 
 def available_splits(name: str, root: str | os.PathLike, **options) -> list[str]:

@@ -13,9 +13,8 @@ Evaluation batches are the S x S images in order with their boxes scaled to S, a
 from __future__ import annotations
 
 import os
-import sys
-import time
 import multiprocessing
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
 
@@ -23,22 +22,25 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..progress import Progress
 from .datasets import WSOLDataset, boxes_for_decoded_size, load_image
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, scale_boxes, train_resize_size
 
 
-def _decode_chunk(samples: list, side: int) -> tuple[np.ndarray, list]:
-    """uint8 [len(samples), side, side, 3] (PIL bilinear resize) and each image's (size, boxes)."""
+def _decode_chunk(samples: list, side: int, train: bool) -> tuple[np.ndarray, list, list]:
+    """uint8 [len(samples), side, side, 3] (PIL bilinear resize), each image's (size, boxes), and the
+    warnings about boxes (for the main process to give)."""
     pixels = np.empty((len(samples), side, side, 3), np.uint8)
-    meta = []
+    meta, notes = [], []
     for i, sample in enumerate(samples):
         image = load_image(sample.path)
-        meta.append(boxes_for_decoded_size(sample, image.size))
+        meta.append(boxes_for_decoded_size(sample, image.size, train=train, notes=notes))
         pixels[i] = np.asarray(image.resize((side, side), Image.BILINEAR))
-    return pixels, meta
+    return pixels, meta, notes
 
 
-def _decode_all(dataset: WSOLDataset, side: int, num_workers: int, progress: bool) -> tuple[np.ndarray, list]:
+def _decode_all(dataset: WSOLDataset, side: int, train: bool, num_workers: int,
+                progress: bool) -> tuple[np.ndarray, list]:
     """Every image of `dataset` decoded and resized, by `num_workers` processes (threads would serialise on the
     GIL: small images cost more Python than decoding), in chunks, in order."""
     n = len(dataset)
@@ -46,20 +48,16 @@ def _decode_all(dataset: WSOLDataset, side: int, num_workers: int, progress: boo
     meta: list = []
     chunk = max(64, min(1024, -(-n // max(1, num_workers * 4))))
     starts = range(0, n, chunk)
-    t0, done, next_report = time.monotonic(), 0, 0.0
+    bar = Progress(n, f"decoding {dataset.name} {dataset.split}", unit="image", enabled=progress)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(num_workers, mp_context=context) if num_workers > 1 else _Serial() as pool:
-        for start, (block, block_meta) in zip(starts, pool.map(_decode_chunk, (dataset.samples[s:s + chunk]
-                                                                                for s in starts), repeat(side))):
+    with bar, ProcessPoolExecutor(num_workers, mp_context=context) if num_workers > 1 else _Serial() as pool:
+        for start, (block, block_meta, notes) in zip(starts, pool.map(
+                _decode_chunk, (dataset.samples[s:s + chunk] for s in starts), repeat(side), repeat(train))):
             pixels[start:start + len(block)] = block
             meta.extend(block_meta)
-            done += len(block)
-            elapsed = time.monotonic() - t0
-            if progress and (elapsed >= next_report or done == n):
-                next_report = elapsed + 5
-                rate = done / max(elapsed, 1e-9)
-                print(f"decoding {dataset.name} {dataset.split}: {done}/{n} images, {rate:.0f} images/s, "
-                      f"ETA {(n - done) / rate:.0f} s", file=sys.stderr, flush=True)
+            for note in notes:
+                warnings.warn(note)
+            bar.update(len(block))
     return pixels, meta
 
 
@@ -93,7 +91,7 @@ class DeviceDataset:
         self.img_size = dataset.img_size
         self.channels_last = channels_last
         side = train_resize_size(self.img_size) if train else self.img_size
-        pixels, meta = _decode_all(dataset, side, num_workers or min(16, os.cpu_count() or 1), progress)
+        pixels, meta = _decode_all(dataset, side, train, num_workers or min(16, os.cpu_count() or 1), progress)
         self.images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2)  # [N,3,side,side], NHWC memory
         self.labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long, device=self.device)
         self.orig_sizes = [tuple(size) for size, _ in meta]

@@ -172,7 +172,7 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
     else they are the best ones on these samples. Every rank gets the same
     result. A map with NaN/inf values raises NonFiniteMaps, unless allow_nonfinite_maps: then it is scored as
     an empty map (a miss) and counted in each map's "nonfinite_maps"."""
-    from tqdm import tqdm
+    from ..progress import Progress
 
     was_training = model.training
     model.eval()
@@ -185,8 +185,7 @@ def evaluate_model(model, loader, device, amp: str = "none", cam_threshold: floa
     nonfinite: dict = {}
     n_batches = dist_utils.all_reduce_max(len(loader))  # shards may differ by one batch
     it = iter(loader)
-    bar = tqdm(total=n_batches, desc="evaluating", unit="batch", disable=not (main and progress),
-               dynamic_ncols=True, file=sys.stderr)
+    bar = Progress(n_batches, "evaluating", unit="batch", enabled=main and progress)
     for _ in range(n_batches):
         batch = next(it, None)
         local = None

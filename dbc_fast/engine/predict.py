@@ -18,6 +18,11 @@ import sys
 import numpy as np
 import torch
 
+# A large image is decoded at >= 4 x --img-size on each side, not at full size: the S x S input then comes from
+# a >= 4x antialiased downscale either way (on upscaled photos the input differs by at most 3 grey levels in
+# 255, 0.1 on average), while a 108-megapixel JPEG decodes at 1/8 scale: 16 MB instead of 830 MB.
+DECODE_SIDE_PER_INPUT_SIDE = 4
+DEFAULT_MAX_MEGAPIXELS = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 
 
@@ -32,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=cli.out_dir, help="output folder (required)")
     p.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2, help="map threshold for the box (default 0.2)")
     p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--max-megapixels", type=cli.POSITIVE, default=DEFAULT_MAX_MEGAPIXELS,
+                   help=f"refuse images above this many megapixels (default {DEFAULT_MAX_MEGAPIXELS})")
     p.add_argument("--topk", type=cli.POSITIVE_INT, default=5, help="also list the top-k classes (default 5)")
     p.add_argument("--draw", action="store_true", help="write a PNG per image: the image beside its maps with their boxes")
     # --- DALI branch (DALI helper) ---
@@ -57,22 +64,59 @@ def list_images(inputs) -> list[str]:
     return files
 
 
-def _load(path: str):
+def check_image_sizes(files, max_megapixels: float) -> None:
+    """Every image's header (nothing decoded): one larger than --max-megapixels stops the run before any work,
+    naming it (decoding it, and its full-size map, would take gigabytes)."""
     from PIL import Image
 
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the limit is checked here, in one line
+    try:
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            except Exception as e:  # PIL raises several types for unreadable files
+                raise SystemExit(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+            if w * h > max_megapixels * 1e6:
+                raise SystemExit(f"image {path} is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the "
+                                 f"{max_megapixels:g}-megapixel limit (raise it with --max-megapixels)")
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
+
+
+def _load(path: str, min_side: int = 0):
+    """(RGB image, original (w, h), the image's region that holds the original: (0, 0, w', h'), fractional
+    where a side is not a multiple of the scale). A large image is decoded smaller, at least `min_side` on
+    each side: JPEGs by the decoder's DCT scaling (draft: 1/2, 1/4 or 1/8; memory and time fall with the scale
+    squared), other formats by an integer box reduction."""
+    from PIL import Image
+
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # sizes were checked by check_image_sizes
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            size = im.size
+            factor = min(size) // min_side if min_side else 1
+            region = (0.0, 0.0, float(size[0]), float(size[1]))
+            if factor >= 2 and im.format == "JPEG":
+                # the smallest scale still >= min_side on both sides; ceil(w / scale) pixels are decoded
+                drafted = im.draft("RGB", (min_side, min_side))
+                region = drafted[1] if drafted else region
+            rgb = im.convert("RGB")
+            if factor >= 2 and im.format != "JPEG":
+                rgb, region = rgb.reduce(factor), (0.0, 0.0, size[0] / factor, size[1] / factor)
+            return rgb, size, region
     except Exception as e:  # PIL raises several types for unreadable files
         raise SystemExit(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
 
 
-def _to_tensor(image, size: int) -> torch.Tensor:
+def _to_tensor(image, size: int, region=None) -> torch.Tensor:
     from PIL import Image
 
     from ..data import IMAGENET_MEAN, IMAGENET_STD
 
-    arr = np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    arr = np.asarray(image.resize((size, size), Image.BILINEAR, box=region), dtype=np.float32) / 255.0
     t = torch.from_numpy(arr).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -88,6 +132,33 @@ def map_to_original(m: torch.Tensor, w: int, h: int) -> np.ndarray:
     return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
 
 
+def box_in_original(m: torch.Tensor, w: int, h: int, threshold: float, band_rows: int = 256) -> list[float]:
+    """The box of extract_boxes(map_to_original(m, w, h), threshold), the same numbers, computed in bands of
+    rows: extract_boxes' float64 copies of a full-size map cost 24 bytes a pixel (2.6 GB at 108 megapixels);
+    this holds the float32 map and the uint8 score map it thresholds (5 bytes a pixel)."""
+    import cv2
+
+    from ..metrics import _boxes_from_uint8
+
+    up = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_CUBIC)
+    lo, hi = float(up.min()), float(up.max())
+    bands = [slice(r, r + band_rows) for r in range(0, h, band_rows)]
+    if not hi > lo:  # constant or NaN: map_to_original gives zeros, extract_boxes (0, 0, 0, 0)
+        return [0.0] * 4
+    heat_lo = min(float(((up[b] - lo) / (hi - lo)).min()) for b in bands)  # map_to_original, band by band
+    heat_hi = max(float(((up[b] - lo) / (hi - lo)).max()) for b in bands)
+    if not heat_hi > heat_lo:
+        return [0.0] * 4
+    score = np.empty((h, w), np.uint8)
+    for b in bands:  # then prepare_map's float64 min-max normalisation and the uint8 score map
+        band = ((up[b] - lo) / (hi - lo)).astype(np.float64)
+        band -= heat_lo
+        band /= heat_hi - heat_lo
+        score[b] = (band * 255).astype(np.uint8)
+    del up
+    return [float(v) for v in _boxes_from_uint8(score, threshold, False).reshape(-1, 4)[0]]
+
+
 def _batches(files, size, names, args, device):
     """(paths, PIL images or None, original (w, h) sizes, normalised batch on device) per --batch-size files."""
     from ..data.dali import resolve_loader
@@ -95,9 +166,10 @@ def _batches(files, size, names, args, device):
     if resolve_loader(getattr(args, "loader", "torch"), device) == "torch":
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]
-            images = [_load(f) for f in chunk]
-            batch = torch.stack([_to_tensor(im, size) for im in images]).to(device)
-            yield chunk, images, [im.size for im in images], batch
+            loaded = [_load(f, DECODE_SIDE_PER_INPUT_SIDE * size) for f in chunk]
+            images = [im for im, _, _ in loaded]
+            batch = torch.stack([_to_tensor(im, size, region) for im, _, region in loaded]).to(device)
+            yield chunk, images, [original for _, original, _ in loaded], batch
         return
     # --- DALI branch (DALI helper): the same eval transform, decoded/resized by DALI (on the GPU on cuda) ---
     from ..data import Sample, WSOLDataset
@@ -112,7 +184,8 @@ def _batches(files, size, names, args, device):
         raise SystemExit(f"--loader dali: {e}") from e
     try:
         for b in loader:
-            images = [_load(f) for f in b["path"]] if args.draw else [None] * len(b["path"])
+            images = [_load(f, DECODE_SIDE_PER_INPUT_SIDE * size)[0] for f in b["path"]] if args.draw else \
+                [None] * len(b["path"])
             yield b["path"], images, b["orig_size"], b["image"]
     except RuntimeError as e:  # an unreadable image: the loader's message names it
         raise SystemExit(str(e)) from e
@@ -120,7 +193,7 @@ def _batches(files, size, names, args, device):
 
 @torch.no_grad()
 def main(args) -> int:
-    from ..metrics import extract_boxes
+    from ..progress import Progress
     from .checkpoint import load_model
 
     missing = [f"--{k}" for k in ("checkpoint", "images", "out") if not getattr(args, k, None)]
@@ -135,9 +208,11 @@ def main(args) -> int:
         raise SystemExit(f"--img-size must be a multiple of 32, got {size}")
     names = config.get("class_names") or [str(i) for i in range(config["num_classes"])]
     files = list_images(args.images)
+    check_image_sizes(files, args.max_megapixels)
     os.makedirs(args.out, exist_ok=True)
     predictions = []
     used_names: dict = {}
+    bar = Progress(len(files), "predicting", unit="image")
     for chunk, images, sizes, batch in _batches(files, size, names, args, device):
         out = model(batch)
         probs = out["logits"].float().softmax(dim=1).cpu()
@@ -146,8 +221,7 @@ def main(args) -> int:
         top_p, top_i = probs.topk(k, dim=1)
         for j, (path, image) in enumerate(zip(chunk, images)):
             w, h = sizes[j]
-            heat = map_to_original(maps[j], w, h)
-            box = [float(v) for v in np.asarray(extract_boxes(heat, args.cam_threshold)).reshape(-1, 4)[0]]
+            box = box_in_original(maps[j], w, h, args.cam_threshold)
             cls = int(top_i[j, 0])
             record = {"file": path, "class_index": cls, "class_name": names[cls], "score": float(top_p[j, 0]),
                       "box": box, "image_size": [w, h],
@@ -164,6 +238,8 @@ def main(args) -> int:
                              f"{os.path.basename(path)}   predicted: {names[cls]} ({top_p[j, 0]:.2f})")[0].save(png)
                 record["drawing"] = png
             predictions.append(record)
+        bar.update(len(chunk))
+    bar.close()
     path = os.path.join(args.out, "predictions.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"checkpoint": os.path.abspath(args.checkpoint), "img_size": size,

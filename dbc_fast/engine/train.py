@@ -29,11 +29,12 @@ import time
 import numpy as np
 import torch
 
-from .. import cli
+from .. import cli, progress
 from . import checkpoint as ckpt_lib
+from ..data.datasets import DATASET_NAMES
 from . import distributed as dist_utils
 
-DATASETS = ("cub", "ilsvrc", "tiny-imagenet", "folder")
+DATASETS = DATASET_NAMES
 ARCHS = ("conformer_tiny_patch16", "conformer_small_patch16", "conformer_small_patch32", "conformer_base_patch16")
 METHODS = ("dbc", "cls", "cam", "tscam")
 LOSS_KEYS = ("loss", "loss_cla", "loss_neg", "loss_pos")
@@ -169,12 +170,12 @@ def seed_everything(seed: int) -> None:
 
 def _say(msg: str) -> None:
     if dist_utils.is_main():
-        print(msg, flush=True)
+        progress.write(msg, file=sys.stdout)
 
 
 def _warn(msg: str) -> None:
     if dist_utils.is_main():
-        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+        progress.write(f"WARNING: {msg}", file=sys.stderr)
 
 
 def _limit(dataset, n):
@@ -215,7 +216,7 @@ def validation_split(args):
         return None, None
     if args.val_split in ("val", "test"):
         return args.val_split, None
-    if args.dataset == "tiny-imagenet":
+    if args.dataset in ("tiny-imagenet", "voc-seg"):  # their only held-out split
         return "val", None
     test_warning = (f"no validation split for {args.dataset} at {args.data}: the best checkpoint is selected on "
                     f"the TEST split, so test figures of best.pt are optimistic. Give --metadata (wsolevaluation: "
@@ -794,8 +795,6 @@ def _train(args, locks: list) -> int:
             dist_utils.barrier()
             os._exit(137)
 
-    from tqdm import tqdm
-
     stop = StopRequest().install()
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -807,8 +806,8 @@ def _train(args, locks: list) -> int:
             tracker = SkippedImages(len(train_set), max_fraction=args.max_skipped_fraction)
             tracker.paths.update(meters["skipped"])
             meters["skipped"] = tracker.paths
-            bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       unit="step", disable=not is_main or args.no_progress, dynamic_ncols=True, file=sys.stderr)
+            bar = progress.Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", unit="step",
+                                    initial=first_step, enabled=is_main and not args.no_progress)
             t0, seen = time.perf_counter(), 0
             step = first_step
             pending = []  # (loss record on the device, epoch, step, global step) since the last check
