@@ -150,3 +150,15 @@ def test_missing_required_options_and_unknown_command(capsys):
     assert set(COMMANDS) == {"train", "eval", "predict", "export", "bench-loader", "profile", "visualize"}
     with pytest.raises(SystemExit, match="missing required option.*--checkpoint"):
         main(["visualize", "--dataset", "cub", "--data", "x", "--out", "y"])
+
+
+def test_train_on_a_mask_set_validates_with_mask_metrics(shared_data, tmp_path):
+    """voc-seg trains like any dataset (image labels from the masks) and validates on its val split."""
+    out = tmp_path / "voc"
+    rc = main(["train", "--dataset", "voc-seg", "--data", str(shared_data / "voc2012-seg-sample.tar"), "--img-size", "32",
+               "--batch-size", "2", "--epochs", "1", "--max-steps-per-epoch", "1", "--limit-val-images", "4",
+               "--device", "cpu", "--num-workers", "0", "--ops-backend", "eager", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["epoch"] == 1 and record["val_split"] == "val"
+    assert "PxAP" in json.dumps(record["val"])
