@@ -152,13 +152,20 @@ def test_missing_required_options_and_unknown_command(capsys):
         main(["visualize", "--dataset", "cub", "--data", "x", "--out", "y"])
 
 
-def test_train_on_a_mask_set_validates_with_mask_metrics(shared_data, tmp_path):
+def test_train_on_a_mask_set_validates_with_mask_metrics_and_draws_panels(shared_data, tmp_path):
     """voc-seg trains like any dataset (image labels from the masks) and validates on its val split."""
     out = tmp_path / "voc"
     rc = main(["train", "--dataset", "voc-seg", "--data", str(shared_data / "voc2012-seg-sample.tar"), "--img-size", "32",
                "--batch-size", "2", "--epochs", "1", "--max-steps-per-epoch", "1", "--limit-val-images", "4",
-               "--device", "cpu", "--num-workers", "0", "--ops-backend", "eager", "--no-progress", "--out", str(out)])
+               "--device", "cpu", "--num-workers", "0", "--ops-backend", "eager", "--no-progress", "--out", str(out),
+               "--visualize", "2"])
     assert rc == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["epoch"] == 1 and record["val_split"] == "val"
     assert "PxAP" in json.dumps(record["val"])
+    # --visualize: the first 2 validation images drawn after the epoch, panels at a readable size
+    panels = sorted((out / "panels").glob("*.png"))
+    assert [p.name.split("_")[0] for p in panels] == ["00000", "00001"]
+    assert all(p.name.endswith("_epoch1.png") for p in panels)
+    with Image.open(panels[0]) as im:
+        assert min(im.size) >= 256 and im.size[0] > 3 * im.size[1]  # image + M_a + M_c + M side by side

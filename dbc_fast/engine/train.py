@@ -146,6 +146,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write last.pt every N steps inside an epoch (0 = only at epoch ends)")
     g.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2,
                    help="map threshold for boxes in validation Top-1/GT-known Loc (default 0.2)")
+    g.add_argument("--visualize", type=cli.NON_NEGATIVE_INT, default=0, metavar="N",
+                   help="after every epoch, draw the maps of the first N validation images into RUN_DIR/panels/ "
+                        "(<index>_<name>_epoch<E>.png, as `dbc-fast visualize`), to watch them form (default 0: off)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--ddp-find-unused", action="store_true",
                    help="DistributedDataParallel(find_unused_parameters=True), for methods with unused parameters")
@@ -902,6 +905,12 @@ def _train(args, locks: list) -> int:
             if is_main:
                 if is_best:
                     ckpt_lib.link_or_copy(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
+                if args.visualize and val_set is not None:
+                    from .visualize import draw_panels
+
+                    with _autocast(device, args.amp):
+                        draw_panels(_unwrap(model), val_set, range(min(args.visualize, len(val_set))),
+                                    os.path.join(out, "panels"), args.cam_threshold, epoch=epoch + 1, quiet=True)
                 log.write(record)
                 if tb is not None:
                     for k, v in record["train"].items():

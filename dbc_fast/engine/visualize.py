@@ -169,9 +169,43 @@ def _original_annotations(sample, image):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def draw_panels(model, dataset, indices, out_dir: str, cam_threshold: float = 0.2, panel_size: int = 256,
+                epoch: int | None = None, device=None, quiet: bool = False) -> list:
+    """One panel PNG per dataset index in `out_dir` (`<index>_<stem>[_epoch<E>].png`): the image, the model's maps
+    and boxes, the ground truth. The model is put in eval mode for this and restored. Returns the paths."""
+    from ..data.datasets import load_image
+
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    suffix = f"_epoch{epoch}" if epoch is not None else ""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for n, i in enumerate(indices, 1):
+        item, sample = dataset[i], dataset.samples[i]
+        out = model(item["image"][None].to(device), map_classes=torch.tensor([item["label"]], device=device))
+        probs = out["logits"].float().softmax(1)[0].cpu()
+        image = load_image(sample.path)
+        gt_boxes, mask = _original_annotations(sample, image)
+        names = dataset.class_names
+        pred = int(probs.argmax())
+        title = (f"{os.path.basename(sample.path)}   true: {names[item['label']]}   predicted: {names[pred]} "
+                 f"({float(probs[pred]):.2f})" + (f"   epoch {epoch}" if suffix else ""))
+        panel, _ = render_panel(image, model_maps(out, 0), cam_threshold, title, gt_boxes, mask, panel_size)
+        stem = os.path.splitext(os.path.basename(sample.path))[0]
+        path = os.path.join(out_dir, f"{i:05d}_{stem}{suffix}.png")
+        panel.save(path)
+        paths.append(path)
+        if not quiet:
+            print(f"[{n}/{len(indices)}] {path}", file=sys.stderr)
+    if was_training:
+        model.train()
+    return paths
+
+
 def main(args) -> int:
     from ..data import build_dataset
-    from ..data.datasets import load_image
     from .checkpoint import load_model
     from .evaluate import check_classes, default_split
     from .train import dataset_options
@@ -191,23 +225,7 @@ def main(args) -> int:
         raise SystemExit(f"--indices {bad}: {args.dataset} {split} has {len(dataset)} images (0..{len(dataset) - 1})")
     ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     epoch = ckpt.get("epoch")
-    suffix = f"_epoch{epoch}" if isinstance(epoch, int) else ""
-    os.makedirs(args.out, exist_ok=True)
-    for n, i in enumerate(indices, 1):
-        item, sample = dataset[i], dataset.samples[i]
-        out = model(item["image"][None].to(device), map_classes=torch.tensor([item["label"]], device=device))
-        probs = out["logits"].float().softmax(1)[0].cpu()
-        image = load_image(sample.path)
-        gt_boxes, mask = _original_annotations(sample, image)
-        names = dataset.class_names
-        pred = int(probs.argmax())
-        title = (f"{os.path.basename(sample.path)}   true: {names[item['label']]}   predicted: {names[pred]} "
-                 f"({float(probs[pred]):.2f})" + (f"   epoch {epoch}" if suffix else ""))
-        panel, _ = render_panel(image, model_maps(out, 0), args.cam_threshold, title, gt_boxes, mask,
-                                args.panel_size)
-        stem = os.path.splitext(os.path.basename(sample.path))[0]
-        path = os.path.join(args.out, f"{i:05d}_{stem}{suffix}.png")
-        panel.save(path)
-        print(f"[{n}/{len(indices)}] {path}", file=sys.stderr)
+    draw_panels(model, dataset, indices, args.out, args.cam_threshold, args.panel_size,
+                epoch if isinstance(epoch, int) else None, device)
     print(f"wrote {len(indices)} panels of {config['arch']}/{config['method']} to {args.out}")
     return 0
