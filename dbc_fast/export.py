@@ -59,7 +59,7 @@ def load_op_library() -> str:
     if path is None:
         raise RuntimeError("the dbc_fast op library (dbc_fast/_C.so) is not built; it holds dbc_fast::largest_box, "
                            "which exported models call. Build it with `pip install --no-build-isolation -e .` "
-                           "(see README) and retry")
+                           "(see docs/export.md) and retry")
     ops.load_library()
     return path
 
@@ -352,7 +352,7 @@ def main(args) -> int:
             print(f"dbc-fast export: {args.out} does not reproduce the eager module (see the differences above)",
                   file=sys.stderr)
             return 1
-    print(f"run it: dbc_infer {args.out} IMAGE --ops {load_op_library()}  (see README, Export and C++ inference)")
+    print(f"run it: dbc_infer {args.out} IMAGE --ops {load_op_library()}  (see docs/export.md)")
     return 0
 
 

@@ -7,7 +7,7 @@
 // W*cos; every input's gradient as W @ V (tiled) plus the positive term, then the normalisation's backward
 //   dx = (du - (du . u) u) / |x|,  du . u = sum_j W_ij cos_ij  (du / 1e-12 where the norm is clamped).
 // Arithmetic in fp32 (fp64 for fp64). Rows may be strided (e.g. fg[:, 0] views); channels must be contiguous.
-// Untested on GPU in this repository's CI (compiled only); see README "Kernels and benchmarks".
+// Untested on GPU in this repository's CI (compiled only); see docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

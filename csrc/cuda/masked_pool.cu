@@ -9,7 +9,7 @@
 // contiguous, moved in 16-byte packs; needs C a multiple of the pack, else it is read as NCHW); other layouts
 // are made contiguous first. Masks are read in their own dtype when it is feat's or the accumulation type, and
 // grad_masks is reduced and cast inside the kernels (no partial sums, no extra launches).
-// Untested on GPU in this repository's CI (compiled only); see README "Kernels and benchmarks".
+// Untested on GPU in this repository's CI (compiled only); see docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

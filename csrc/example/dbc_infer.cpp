@@ -11,7 +11,7 @@
 //   decode to RGB uint8 -> resize to the model's input size (bilinear, antialias, as torch's
 //   F.interpolate) -> round to uint8 -> module(images, classes) -> box scaled to the image's pixels.
 // Output: one JSON line {"image", "width", "height", "class", "class_name", "score", "box", "topk"};
-// "box" is [x0, y0, x1, y1] in the original image's pixels (see README "Export and C++ inference").
+// "box" is [x0, y0, x1, y1] in the original image's pixels (see docs/export.md).
 // With --bench ITERS the image is repeated --batch N times and a timing JSON line follows.
 #include <dlfcn.h>
 

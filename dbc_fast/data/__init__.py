@@ -1,6 +1,6 @@
 """Datasets (CUB-200-2011, ILSVRC, Tiny ImageNet, image folder + boxes), transforms and batching.
 
-See README.md, section "Data", for the layouts, options, box conventions and the bad-input policy.
+See docs/data.md for the layouts, options, box conventions and the bad-input policy.
 """
 from .archive import cache_dir, resolve_root, unpack_archive
 from .datasets import (DATASET_NAMES, SkippedImages, SkippedSample, WSOLDataset, available_splits,

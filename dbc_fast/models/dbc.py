@@ -1,7 +1,7 @@
 """DBC (paper section 3) and its baselines (cls, CAM, TS-CAM) on the Conformer backbone.
 
 ``create_model(arch, num_classes, method="dbc", **options)``; ``model(images, labels=None, map_classes=None)``
-returns a dict (see README "## Model"). The DBC head's pooling and contrastive losses go through
+returns a dict (see docs/model.md). The DBC head's pooling and contrastive losses go through
 ``dbc_fast.ops`` (one ``masked_pool`` call for both masks, one ``contrastive_losses`` call) so the fused
 Triton/CUDA backends are used where available.
 """
