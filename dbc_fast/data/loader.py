@@ -196,15 +196,23 @@ class TorchLoader:
             raise _worker_cause(e) from None
 
     def _batches(self, non_blocking: bool):
-        for batch in self.loader:
-            self.skipped.extend(batch["skipped"])
-            if len(batch["image"]):
-                image = batch["image"].to(self.device, non_blocking=non_blocking)
-                if self.channels_last:
-                    image = image.contiguous(memory_format=torch.channels_last)
-                batch["image"] = image
-                batch["label"] = batch["label"].to(self.device, non_blocking=non_blocking)
-            yield batch
+        batches = iter(self.loader)
+        try:
+            for batch in batches:
+                self.skipped.extend(batch["skipped"])
+                if len(batch["image"]):
+                    image = batch["image"].to(self.device, non_blocking=non_blocking)
+                    if self.channels_last:
+                        image = image.contiguous(memory_format=torch.channels_last)
+                    batch["image"] = image
+                    batch["label"] = batch["label"].to(self.device, non_blocking=non_blocking)
+                yield batch
+        finally:
+            # Workers stop now, not when the iterator is collected: an error's traceback keeps it alive until exit,
+            # where multiprocessing would SIGTERM workers that ignore SIGTERM (see _worker_init) and wait forever.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def _worker_cause(e: Exception) -> Exception:
