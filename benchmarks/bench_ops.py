@@ -15,10 +15,16 @@ Every impl runs in the same session on fresh random inputs; record results in be
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
 from dbc_fast import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import _op_fn  # noqa: E402  (a sibling script, not a package)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -47,19 +53,13 @@ _COMPILED = {}
 
 
 def _op(name, impl):
-    """The op as a function of tensors, for one impl (torch.compile of the eager reference for "compile")."""
-    backend = "eager" if impl == "compile" else impl
-    if name == "pool":
-        def fn(feat, masks):
-            return ops.masked_pool(feat, masks, backend=backend)
-    else:
-        def fn(fc, bc, ft, bt):
-            return ops.contrastive_losses(fc, bc, ft, bt, backend=backend)
-    if impl == "compile":
-        if name not in _COMPILED:
-            _COMPILED[name] = torch.compile(fn, dynamic=False)
-        return _COMPILED[name]
-    return fn
+    """The op as a function of tensors, for one impl (torch.compile of the eager reference for "compile", compiled
+    once per op): bench_kernels' definition."""
+    if impl != "compile":
+        return _op_fn(ops, name, impl, "inductor")
+    if name not in _COMPILED:
+        _COMPILED[name] = _op_fn(ops, name, impl, "inductor")
+    return _COMPILED[name]
 
 
 def _pool_inputs(n, C, grad):
