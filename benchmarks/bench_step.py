@@ -147,6 +147,7 @@ def graph_breaks() -> int:
 
 def sync_audit(batch: int, img_size: int, device: torch.device) -> dict:
     """Host syncs of the trainer's own step between two log points (0 expected), where the trainer has the probe."""
+    from dbc_fast.cli.train import train_options
     from dbc_fast.engine import train
 
     probe = getattr(train, "count_step_syncs", None)
@@ -156,7 +157,8 @@ def sync_audit(batch: int, img_size: int, device: torch.device) -> dict:
         return {"status": "unavailable", "why": "sync debug mode needs a CUDA device"}
     out = {"status": "ok", "arch": ARCHS["Ti"], "batch": batch, "img_size": img_size, "steps": 3}
     try:
-        out["syncs"] = probe(arch=ARCHS["Ti"], batch_size=batch, img_size=img_size, steps=3, device=str(device))
+        options = train_options("--arch", ARCHS["Ti"], "--amp", "bf16", "--device", "cuda")
+        out["syncs"] = probe(options, batch_size=batch, img_size=img_size, steps=3, device=str(device))
     except Exception as err:  # report it; the step timings stand on their own
         out.update(status="error", error=f"{type(err).__name__}: {str(err)[:300]}")
     return out

@@ -268,18 +268,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="dbc_fast checkpoint (.pt from `dbc-fast train`)")
     p.add_argument("--format", choices=FORMATS, default="torchscript",
                    help="torchscript (torch.jit.trace, .ts) or aoti (torch.export + AOTInductor, .pt2)")
-    p.add_argument("--out", required=True, type=cli.out_file, help="output file (.ts / .pt for torchscript, .pt2 for aoti)")
+    p.add_argument("--out", required=True, type=options.out_file, help="output file (.ts / .pt for torchscript, .pt2 for aoti)")
     p.add_argument("--img-size", type=_parse_img_size, default=None,
                    help="input size S or HxW, multiples of 32 (default: the checkpoint's img_size)")
-    p.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2,
+    p.add_argument("--cam-threshold", type=options.FRACTION, default=0.2,
                    help="box threshold, a fraction of the map's max (default 0.2, as dbc-fast eval)")
-    p.add_argument("--topk", type=cli.POSITIVE_INT, default=5, help="how many top classes the module returns (default 5)")
+    p.add_argument("--topk", type=options.POSITIVE_INT, default=5, help="how many top classes the module returns (default 5)")
     p.add_argument("--input-dtype", choices=sorted(INPUT_DTYPES), default="uint8",
                    help="pixel dtype of the images input (default uint8; a TorchScript file accepts both)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="device to export for (an AOTInductor package runs only there; default cpu)")
-    p.add_argument("--batch", type=cli.POSITIVE_INT, default=2, help="example batch size used for tracing/export (default 2)")
-    p.add_argument("--max-batch", type=cli.POSITIVE_INT, default=256,
+    p.add_argument("--batch", type=options.POSITIVE_INT, default=2, help="example batch size used for tracing/export (default 2)")
+    p.add_argument("--max-batch", type=options.POSITIVE_INT, default=256,
                    help="largest batch an aoti package accepts (dynamic batch 1..max; default 256)")
     p.add_argument("--no-check", action="store_true",
                    help="skip loading the written file and comparing it with the eager module")

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 import dbc_fast
 from dbc_fast.cli import main as cli_main
-from dbc_fast.engine.train import (add_arguments, build_optimizer, channels_last_enabled, compile_model,
+from dbc_fast.cli.train import train_options
+from dbc_fast.engine.train import (build_optimizer, channels_last_enabled, compile_model,
                                    configure_device, count_step_syncs, model_options, train_step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,12 +213,6 @@ def test_loader_order_and_augmentation_depend_only_on_seed_and_epoch(shared_data
     assert [i for i, _ in epoch_batches(a, 2)] != [i for i, _ in e1a]  # another epoch, another order
 
 
-def parse_train_args(*argv):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p.parse_args(list(argv))
-
-
 def test_log_every_does_not_change_the_logged_losses(shared_data, tmp_path, monkeypatch):
     # Losses stay on the device between checks; checking every step or every 3rd gives the same metrics.
     use_stand_in(monkeypatch)
@@ -236,7 +231,7 @@ def test_train_step_reads_no_tensor_values_on_the_host():
     """The real DBC model's step (forward, losses, backward, clipping, AdamW) on meta tensors, which hold no
     values: any .item(), .tolist(), bool(tensor) or data-dependent shape raises, so on a GPU the host never
     has to wait for the device inside a step."""
-    args = parse_train_args("--ops-backend", "eager", "--device", "cpu")
+    args = train_options("--ops-backend", "eager", "--device", "cpu")
     with torch.device("meta"):
         model = dbc_fast.create_model("conformer_tiny_patch16", 10, method="dbc", **model_options(args))
     optimizer = build_optimizer(model, args, torch.device("cpu"))
@@ -255,26 +250,27 @@ def test_train_step_reads_no_tensor_values_on_the_host():
 @pytest.mark.parametrize("ops_backend", ["auto", "eager"])
 def test_trainer_step_makes_no_host_sync_on_cuda(ops_backend):
     # mode "error": the first synchronizing CUDA call raises with its stack.
-    assert count_step_syncs(ops_backend=ops_backend, batch_size=8, img_size=224, steps=3, mode="error") == 0
+    options = train_options("--ops-backend", ops_backend, "--amp", "bf16", "--device", "cuda")
+    assert count_step_syncs(options, batch_size=8, img_size=224, steps=3, mode="error") == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 def test_count_step_syncs_without_cuda_says_so():
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
-        count_step_syncs(device="cpu")
+        count_step_syncs(train_options(), device="cpu")
 
 
 def test_gpu_defaults_channels_last_fused_adamw_cudnn_benchmark(monkeypatch):
     def on_cuda(*argv):  # --device cuda is refused at parse time on a machine without CUDA
-        args = parse_train_args(*argv)
+        args = train_options(*argv)
         args.device = "cuda"
         return args
 
     assert channels_last_enabled(on_cuda())
     assert not channels_last_enabled(on_cuda("--no-channels-last"))
-    assert not channels_last_enabled(parse_train_args("--device", "cpu"))
-    assert channels_last_enabled(parse_train_args("--device", "cpu", "--channels-last"))
-    model, args = nn.Linear(3, 2), parse_train_args()
+    assert not channels_last_enabled(train_options("--device", "cpu"))
+    assert channels_last_enabled(train_options("--device", "cpu", "--channels-last"))
+    model, args = nn.Linear(3, 2), train_options()
     # torch also has a fused AdamW for CPU tensors, so the CUDA choice can be built here.
     fused = build_optimizer(model, args, torch.device("cuda"))
     assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
@@ -296,7 +292,7 @@ def test_compile_fullgraph_step_matches_eager(monkeypatch):
     monkeypatch.setitem(conformer.ARCH_CONFIGS, "conformer_tiny_patch16",
                         dict(patch_size=16, channel_ratio=1, embed_dim=48, depth=3, num_heads=2))
     monkeypatch.setattr(ops, "_AVAILABLE", {})  # the backend probe happens inside compile_model, not before
-    args = parse_train_args("--ops-backend", "auto", "--device", "cpu", "--drop-path", "0", "--fstar-block", "2")
+    args = train_options("--ops-backend", "auto", "--device", "cpu", "--drop-path", "0", "--fstar-block", "2")
     torch.manual_seed(0)
     model = dbc_fast.create_model("conformer_tiny_patch16", 5, method="dbc", **model_options(args))
     model.train()

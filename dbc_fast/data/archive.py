@@ -17,7 +17,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 

@@ -65,7 +65,7 @@ def image_folder_dataset(root, img_size: int, max_images: int | None = None):
     top-level subfolder (sorted), or 0 for images directly in `root`; no boxes."""
     from .archive import resolve_root
     from .datasets import WSOLDataset
-    from .errors import DatasetError
+    from ..errors import DatasetError
     from .readers import NO_BOXES, Sample, is_image_file
 
     base = resolve_root(root)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .datasets import SkippedSample, boxes_for_decoded_size
-from .errors import DatasetError
+from ..errors import DALIUnavailableError, DatasetError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, scale_boxes, train_resize_size
 
 INSTALL_HINT = ("NVIDIA DALI is not installed. Install it with `pip install 'dbc_fast[dali]'` (the CUDA 13 "
@@ -59,10 +59,6 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-class DALIUnavailableError(ImportError):
-    """`--loader dali` asked for but DALI is not installed; the message says how to install it."""
 
 
 def _import_dali():
@@ -519,7 +515,7 @@ def build_dali_loader(dataset, batch_size: int, train: bool, device="cuda", num_
                       distributed: bool | None = None, prefetch: int = 2) -> DaliLoader:
     """The DALI loader (see the module doc). num_workers = DALI CPU threads (and file-reading threads);
     distributed None = shard over the initialised process group (rank, world size), False = one shard."""
-    from ..engine import distributed as dist_utils
+    from .. import distributed as dist_utils
 
     _import_dali()  # the install hint, before anything else
     sharded = dist_utils.is_distributed() if distributed is None else distributed

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import readers
 from .archive import resolve_root
-from .errors import DatasetError
+from ..errors import DatasetError
 from .readers import ReadResult, Sample
 from .transforms import EvalTransform, TrainTransform, check_img_size
 

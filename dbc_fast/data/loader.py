@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..engine import distributed as dist_utils
+from .. import distributed as dist_utils
 from .datasets import collate
 
 LOADERS = ("torch", "dali", "auto")
@@ -56,7 +56,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, index: int):
         from .datasets import SkippedSample
-        from .errors import DatasetError
+        from ..errors import DatasetError
 
         seed = sample_seed(self.seed, self.epoch, index)
         py_state, np_state = random.getstate(), np.random.get_state()
@@ -130,7 +130,7 @@ def check_images_open(dataset, what: str) -> None:
     that opens but fails to decode is still found when it is read."""
     from PIL import Image
 
-    from .errors import DatasetError
+    from ..errors import DatasetError
 
     bad = []
     for sample in dataset.samples:

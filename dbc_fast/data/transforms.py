@@ -25,9 +25,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def check_img_size(img_size: int) -> int:
-    if not isinstance(img_size, (int, np.integer)) or img_size <= 0 or img_size % 32:
-        raise ValueError(f"img_size must be a positive multiple of 32 (the model downsamples by 32), got {img_size!r}")
+STRIDE = 32  # the backbone downsamples by 32: input sides must be multiples of it
+
+
+def check_img_size(img_size: int, name: str = "img_size") -> int:
+    """`img_size` as an int if it is a positive multiple of STRIDE, else a ValueError that says so."""
+    if isinstance(img_size, bool) or not isinstance(img_size, (int, np.integer)) or img_size <= 0 or img_size % STRIDE:
+        raise ValueError(f"{name} must be a positive multiple of {STRIDE} (the model downsamples by {STRIDE}), "
+                         f"got {img_size!r}".lstrip())
     return int(img_size)
 
 

@@ -29,11 +29,8 @@ import tempfile
 import numpy as np
 import torch
 
+from ..errors import CheckpointError
 from ..models.pretrained import read_checkpoint_file
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or not a dbc_fast checkpoint (the message names the file)."""
 
 
 def rng_state() -> dict:

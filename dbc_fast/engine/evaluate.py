@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from . import distributed as dist_utils
+from .. import distributed as dist_utils
 
 MAP_NAMES = {"map": "M", "map_a": "M_a", "map_c": "M_c"}
 # metric key (as dbc_fast.metrics computes it) -> the paper's name, in print order
@@ -67,10 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="auto",
                    help="split to evaluate: test (cub, ilsvrc) / val (tiny-imagenet, voc-seg) by default (auto)")
     p.add_argument("--checkpoint", help="dbc_fast checkpoint (best.pt / last.pt) (required)")
-    p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=64, help="images per batch per process (default 64)")
-    p.add_argument("--out", type=cli.out_dir, help="folder for metrics.json (required)")
-    p.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2, help="map threshold for the boxes (default 0.2)")
-    p.add_argument("--sweep-interval", type=cli.bounded(float, 0, 1, high_open=True), default=0.01,
+    p.add_argument("--batch-size", type=options.POSITIVE_INT, default=64, help="images per batch per process (default 64)")
+    p.add_argument("--out", type=options.out_dir, help="folder for metrics.json (required)")
+    p.add_argument("--cam-threshold", type=options.FRACTION, default=0.2, help="map threshold for the boxes (default 0.2)")
+    p.add_argument("--sweep-interval", type=options.bounded(float, 0, 1, high_open=True), default=0.01,
                    help="map thresholds 0, i, 2i, .. < 1 tried for the best-threshold figures (default 0.01; 0 = skip)")
     p.add_argument("--maps", nargs="+", choices=("M", "M_a", "M_c"), default=["M", "M_a", "M_c"],
                    help="maps to evaluate, where the method has them (default all)")
@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose the best-threshold figures' map thresholds (best-threshold Loc, MaxBoxAccV2 per "
                         "IoU) on SPLIT, e.g. val (cub/ilsvrc with --metadata), and report the evaluated split at "
                         "them (default: chosen on the evaluated split itself, an optimistic figure)")
-    p.add_argument("--mask-threshold", type=cli.FRACTION, default=0.3,
+    p.add_argument("--mask-threshold", type=options.FRACTION, default=0.3,
                    help="map threshold for the foreground IoU / precision / recall of a mask set (default 0.3, "
                         "C2AM's cut for its background cues)")
     p.add_argument("--missing-images", choices=("error", "skip"), default="error",
@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-nonfinite-maps", action="store_true",
                    help="score maps with NaN/inf values as empty maps (misses) instead of stopping; their count "
                         "is reported")
-    p.add_argument("--limit-images", type=cli.POSITIVE_INT, default=None, help="evaluate the first N images only")
+    p.add_argument("--limit-images", type=options.POSITIVE_INT, default=None, help="evaluate the first N images only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -31,21 +31,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--checkpoint", help="dbc_fast checkpoint (required)")
     p.add_argument("--images", nargs="+", help="image files and/or folders of images (required)")
-    p.add_argument("--img-size", type=cli.img_size, default=None, help="input size (default: the checkpoint's)")
+    p.add_argument("--img-size", type=options.img_size, default=None, help="input size (default: the checkpoint's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device (default cuda if available, else cpu)")
-    p.add_argument("--out", type=cli.out_dir, help="output folder (required)")
-    p.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2, help="map threshold for the box (default 0.2)")
-    p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--max-megapixels", type=cli.POSITIVE, default=DEFAULT_MAX_MEGAPIXELS,
+    p.add_argument("--out", type=options.out_dir, help="output folder (required)")
+    p.add_argument("--cam-threshold", type=options.FRACTION, default=0.2, help="map threshold for the box (default 0.2)")
+    p.add_argument("--batch-size", type=options.POSITIVE_INT, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--max-megapixels", type=options.POSITIVE, default=DEFAULT_MAX_MEGAPIXELS,
                    help=f"refuse images above this many megapixels (default {DEFAULT_MAX_MEGAPIXELS})")
-    p.add_argument("--topk", type=cli.POSITIVE_INT, default=5, help="also list the top-k classes (default 5)")
+    p.add_argument("--topk", type=options.POSITIVE_INT, default=5, help="also list the top-k classes (default 5)")
     p.add_argument("--draw", action="store_true", help="write a PNG per image: the image beside its maps with their boxes")
     # --- DALI branch (DALI helper) ---
     p.add_argument("--loader", choices=("torch", "dali", "auto"), default="torch",
                    help="image decoding + resizing: PIL (torch) or NVIDIA DALI (GPU decode on cuda); auto = DALI "
                         "on a GPU when it is installed (default torch)")
-    p.add_argument("--num-workers", type=cli.NON_NEGATIVE_INT, default=4, help="DALI CPU threads (default 4)")
+    p.add_argument("--num-workers", type=options.NON_NEGATIVE_INT, default=4, help="DALI CPU threads (default 4)")
 
 
 def list_images(inputs) -> list[str]:

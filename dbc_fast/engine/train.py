@@ -29,137 +29,16 @@ import time
 import numpy as np
 import torch
 
-from .. import cli, progress
+from .. import distributed as dist_utils
+from .. import progress
+from ..data.transforms import check_img_size
+from ..errors import UserError, warn
 from . import checkpoint as ckpt_lib
-from ..data.datasets import DATASET_NAMES
-from . import distributed as dist_utils
-
-DATASETS = DATASET_NAMES
-ARCHS = ("conformer_tiny_patch16", "conformer_small_patch16", "conformer_small_patch32", "conformer_base_patch16")
-METHODS = ("dbc", "cls", "cam", "tscam")
 LOSS_KEYS = ("loss", "loss_cla", "loss_neg", "loss_pos")
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite: the run stops and keeps its last good checkpoint."""
-
-
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, help="dataset layout (required)")
-    g.add_argument("--data", help="dataset folder or .tar/.tar.gz archive (required)")
-    g.add_argument("--metadata", default=None,
-                   help="wsolevaluation metadata folder or archive (cub: train/val(CUBV2)/test; ilsvrc: val/test)")
-    g.add_argument("--class-list", default=None, help="class order file (ilsvrc, folder)")
-    g.add_argument("--boxes", default=None,
-                   help="boxes file/folder (ilsvrc val: LOC_val_solution.csv or XML folder; folder: CSV or XML)")
-    g.add_argument("--img-size", type=cli.img_size, default=224, help="square input size S, a multiple of 32 (default 224)")
-    g.add_argument("--num-workers", type=cli.NON_NEGATIVE_INT, default=4, help="data loading worker processes (default 4)")
-    g.add_argument("--loader", choices=("torch", "dali", "auto"), default="torch",
-                   help="data loader: torch DataLoader + PIL, or NVIDIA DALI (default torch)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device (default cuda if available, else cpu)")
-    g.add_argument("--amp", choices=("bf16", "none"), default="none",
-                   help="bf16 autocast for forward passes (default none)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format for model and images (train: default on for cuda, off for "
-                        "cpu; --no-channels-last turns it off)")
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=ARCHS, default="conformer_tiny_patch16", help="backbone (default conformer_tiny_patch16)")
-    g.add_argument("--method", choices=METHODS, default="dbc", help="WSOL method (default dbc)")
-    g.add_argument("--pretrained", default=None, help="official Conformer ImageNet checkpoint to start from")
-    g.add_argument("--fstar-block", type=cli.NON_NEGATIVE_INT, default=11, help="CNN block whose feature map is F* (default 11)")
-    g.add_argument("--mc-kernel-size", type=cli.POSITIVE_INT, default=3, help="kernel size of the M_c convolution (default 3)")
-    g.add_argument("--norm", default="minmax", help="map normalisation (default minmax)")
-    g.add_argument("--lambda-pos", type=cli.NON_NEGATIVE, default=1.0, help="weight of L_pos (default 1.0)")
-    g.add_argument("--lambda-neg", type=cli.NON_NEGATIVE, default=0.1, help="weight of L_neg (default 0.1)")
-    g.add_argument("--negatives", choices=("cross", "within"), default="cross",
-                   help="negative pairs of L_neg: all n x n pairs of the batch, or within-image only (default cross)")
-    g.add_argument("--gather-negatives", action="store_true",
-                   help="under torchrun: the n x n pairs span every rank's images (the global batch), not the "
-                        "rank's own batch")
-    g.add_argument("--cls-loss", choices=("auto", "prob_mean", "ce_mean", "logit_sum"), default="auto",
-                   help="L_cla: NLL of the mean of both branches' probabilities (Eq. 3, prob_mean), the mean "
-                        "of the two CEs (ce_mean, official Conformer) or CE of the summed logits (logit_sum, TS-CAM); "
-                        "auto = logit_sum for tscam, prob_mean otherwise (default auto)")
-    g.add_argument("--ops-backend", choices=("auto", "eager", "triton", "cpp"), default="auto",
-                   help="implementation of the DBC head ops (default auto)")
-    g.add_argument("--map-source", choices=("auto", "sum", "a", "c"), default="auto",
-                   help="dbc/cls map M: M_a + M_c (sum, Eq. 7), M_a (a) or M_c (c); auto = sum for dbc, a for cls")
-    g.add_argument("--drop-path", type=cli.bounded(float, 0, 1, high_open=True), default=0.1, help="stochastic depth rate (default 0.1)")
-
-
-def model_options(args) -> dict:
-    return dict(fstar_block=args.fstar_block, mc_kernel_size=args.mc_kernel_size, norm=args.norm,
-                lambda_pos=args.lambda_pos, lambda_neg=args.lambda_neg, negatives=args.negatives,
-                gather_negatives=args.gather_negatives,
-                cls_loss=args.cls_loss, map_source=args.map_source, ops_backend=args.ops_backend,
-                drop_path_rate=args.drop_path)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_data_arguments(p)
-    g = p.add_argument_group("splits")
-    g.add_argument("--val-split", choices=("auto", "val", "test", "none"), default="auto",
-                   help="split for per-epoch validation and best-checkpoint selection; auto = val where the "
-                        "dataset has one, else test with a warning (default auto)")
-    g.add_argument("--select-on-test", action="store_true",
-                   help="select the best checkpoint on the test split on purpose (no warning)")
-    g.add_argument("--limit-train-images", type=cli.POSITIVE_INT, default=None, help="use only the first N training images")
-    g.add_argument("--limit-val-images", type=cli.POSITIVE_INT, default=None, help="validate on the first N images only")
-    g.add_argument("--max-skipped-fraction", type=cli.FRACTION, default=0.01,
-                   help="stop when more than this fraction of training images are unreadable (default 0.01)")
-    add_model_arguments(p)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=cli.POSITIVE_INT, default=64, help="images per optimizer step per process (default 64)")
-    g.add_argument("--eval-batch-size", type=cli.POSITIVE_INT, default=None, help="validation batch size (default: --batch-size)")
-    g.add_argument("--epochs", type=cli.POSITIVE_INT, default=60, help="epochs (default 60)")
-    g.add_argument("--lr", type=cli.POSITIVE, default=5e-4, help="peak learning rate (default 5e-4, the paper's CUB value)")
-    g.add_argument("--min-lr", type=cli.NON_NEGATIVE, default=1e-6, help="final LR of the cosine schedule (default 1e-6)")
-    g.add_argument("--sched", choices=("cosine", "step", "const"), default="cosine",
-                   help="LR schedule after warm-up, updated every iteration (default cosine)")
-    g.add_argument("--decay-epochs", type=cli.POSITIVE, default=30, help="step schedule: epochs between decays (default 30)")
-    g.add_argument("--decay-rate", type=cli.POSITIVE, default=0.1, help="step schedule: LR factor per decay (default 0.1)")
-    g.add_argument("--warmup-epochs", type=cli.NON_NEGATIVE, default=0, help="linear warm-up epochs (default 0)")
-    g.add_argument("--warmup-lr", type=cli.NON_NEGATIVE, default=1e-6, help="LR at the start of warm-up (default 1e-6)")
-    g.add_argument("--weight-decay", type=cli.NON_NEGATIVE, default=5e-4, help="AdamW weight decay (default 5e-4)")
-    g.add_argument("--opt-eps", type=cli.POSITIVE, default=1e-8, help="AdamW eps (default 1e-8)")
-    g.add_argument("--betas", type=cli.bounded(float, 0, 1, high_open=True), nargs=2, default=(0.9, 0.99), help="AdamW betas (default 0.9 0.99)")
-    g.add_argument("--clip-grad", type=cli.POSITIVE, default=None, help="clip the gradient norm to this value (default off)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--log-every", type=cli.POSITIVE_INT, default=20,
-                   help="check the losses for NaN/inf and update the progress bar every N steps; the steps in "
-                        "between run without waiting for the GPU (default 20; 1 = check before every update)")
-    g.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and augmentation (default 0)")
-    g.add_argument("--max-steps-per-epoch", type=cli.POSITIVE_INT, default=None, help="cap the optimizer steps of each epoch")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", type=cli.out_dir, help="run directory for checkpoints and logs (required)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="FILE",
-                   help="resume from FILE, or (no value) from RUN_DIR/last.pt if it exists; a changed --epochs, "
-                        "--lr or other schedule option gives the new schedule, continued from the restored step")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --out that already holds one, deleting its checkpoints and metrics")
-    g.add_argument("--save-every-steps", type=cli.NON_NEGATIVE_INT, default=0,
-                   help="also write last.pt every N steps inside an epoch (0 = only at epoch ends)")
-    g.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2,
-                   help="map threshold for boxes in validation Top-1/GT-known Loc (default 0.2)")
-    g.add_argument("--visualize", type=cli.NON_NEGATIVE_INT, default=0, metavar="N",
-                   help="after every epoch, draw the maps of the first N validation images into RUN_DIR/panels/ "
-                        "(<index>_<name>_epoch<E>.png, as `dbc-fast visualize`), to watch them form (default 0: off)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--ddp-find-unused", action="store_true",
-                   help="DistributedDataParallel(find_unused_parameters=True), for methods with unused parameters")
-    # Test hook: hard-exit (as if killed) right after this many optimizer steps and the checkpoint they write.
-    g.add_argument("--debug-kill-after-steps", type=int, default=None, help=argparse.SUPPRESS)
-    # Test hook: send this process --debug-signal (SIGINT, the Ctrl-C path) right after this many optimizer steps.
-    g.add_argument("--debug-signal-after-steps", type=int, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--debug-signal", choices=("SIGINT", "SIGTERM"), default="SIGINT", help=argparse.SUPPRESS)
-
-
-REQUIRED = ("dataset", "data", "out")
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -174,11 +53,6 @@ def seed_everything(seed: int) -> None:
 def _say(msg: str) -> None:
     if dist_utils.is_main():
         progress.write(msg, file=sys.stdout)
-
-
-def _warn(msg: str) -> None:
-    if dist_utils.is_main():
-        progress.write(f"WARNING: {msg}", file=sys.stderr)
 
 
 def _limit(dataset, n):
@@ -238,6 +112,15 @@ def validation_split(args):
                   f"last epoch")
 
 
+def model_options(args) -> dict:
+    return dict(fstar_block=args.fstar_block, mc_kernel_size=args.mc_kernel_size, norm=args.norm,
+                lambda_pos=args.lambda_pos, lambda_neg=args.lambda_neg, negatives=args.negatives,
+                gather_negatives=args.gather_negatives,
+                cls_loss=args.cls_loss, map_source=args.map_source, ops_backend=args.ops_backend,
+                drop_path_rate=args.drop_path)
+
+
+
 def dataset_options(args) -> dict:
     return dict(metadata=args.metadata, class_list=args.class_list, boxes=args.boxes)
 
@@ -251,7 +134,7 @@ def build_datasets(args):
                        args.limit_train_images)
     split, warning = validation_split(args)
     if warning:
-        _warn(warning)
+        warn(warning)
     val_set = None
     if split is not None:
         val_set = _limit(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
@@ -347,7 +230,7 @@ def lock_run_dir(out: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise SystemExit(f"--out {out}: another training is writing to this folder; wait for it to end or "
+        raise UserError(f"--out {out}: another training is writing to this folder; wait for it to end or "
                          f"choose another --out")
     return fd
 
@@ -359,7 +242,7 @@ def claim_run_dir(out: str, resuming: bool, overwrite: bool) -> None:
     if not found or resuming:
         return
     if not overwrite:
-        raise SystemExit(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+        raise UserError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out")
     for name in found:
         os.remove(os.path.join(out, name))
@@ -456,7 +339,7 @@ def check_resume_identity(state: dict, args, path: str) -> None:
     config = state["config"]
     for key in ("arch", "method"):
         if config.get(key) != getattr(args, key):
-            raise SystemExit(f"--resume {path}: the checkpoint is a {config.get('arch')}/{config.get('method')} "
+            raise UserError(f"--resume {path}: the checkpoint is a {config.get('arch')}/{config.get('method')} "
                              f"model but this run asks for --arch {args.arch} --method {args.method}; resume with "
                              f"its --arch/--method, or start a new run (another --out, or --overwrite)")
 
@@ -543,12 +426,12 @@ def _any_rank(flags: list, group) -> list:
     return [v > 0 for v in t.tolist()]
 
 
-def count_step_syncs(arch: str = "conformer_tiny_patch16", method: str = "dbc", ops_backend: str = "auto",
-                     batch_size: int = 8, img_size: int = 224, steps: int = 3, warmup: int = 2,
-                     amp: str = "bf16", channels_last: bool = True, compile: bool = False,
-                     mode: str = "warn", device: str = "cuda") -> int:
+def count_step_syncs(args, batch_size: int = 8, img_size: int = 224, steps: int = 3, warmup: int = 2,
+                     channels_last: bool = True, compile: bool = False, mode: str = "warn",
+                     device: str = "cuda") -> int:
     """Host syncs made by `steps` steps of the trainer's step (`train_step`, the trainer's optimizer and device
-    settings) on synthetic data, between two log points. `warmup` steps run first (lazy initialisation,
+    settings for the training options `args`, e.g. `dbc_fast.cli.train.train_options("--amp", "bf16")`) on
+    synthetic data, between two log points. `warmup` steps run first (lazy initialisation,
     cuDNN autotuning, optimizer state). Each batch comes from pinned host memory with a non-blocking copy,
     as the loaders deliver it. mode "warn" counts the syncs (0 expected); "error" raises RuntimeError at the
     first one, with its stack. Needs a CUDA device.
@@ -562,13 +445,9 @@ def count_step_syncs(arch: str = "conformer_tiny_patch16", method: str = "dbc", 
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError("count_step_syncs needs a CUDA device (sync debug mode is CUDA's)")
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(["--arch", arch, "--method", method, "--ops-backend", ops_backend, "--amp", amp,
-                         "--device", "cuda"])
     configure_device(device)
     num_classes = 10
-    model = dbc_fast.create_model(arch, num_classes, method=method, **model_options(args)).to(device)
+    model = dbc_fast.create_model(args.arch, num_classes, method=args.method, **model_options(args)).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = build_optimizer(model, args, device)
@@ -581,7 +460,7 @@ def count_step_syncs(arch: str = "conformer_tiny_patch16", method: str = "dbc", 
     def one_step():
         images = host_images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = host_labels.to(device, non_blocking=True)
-        return train_step(step_model, optimizer, images, labels, amp=amp)
+        return train_step(step_model, optimizer, images, labels, amp=args.amp)
 
     for _ in range(warmup):
         one_step()
@@ -620,13 +499,9 @@ def _train(args, locks: list) -> int:
     from ..data.loader import build_loader
     from .evaluate import evaluate_model, headline
 
-    missing = [f"--{k.replace('_', '-')}" for k in REQUIRED if getattr(args, k, None) in (None, "")]
-    if missing:
-        raise SystemExit(f"dbc-fast train: missing required option(s) {', '.join(missing)}")
-    if args.img_size % 32:
-        raise SystemExit(f"--img-size must be a multiple of 32, got {args.img_size}")
+    check_img_size(args.img_size, "--img-size")
     if args.log_every < 1:
-        raise SystemExit(f"--log-every must be >= 1, got {args.log_every}")
+        raise UserError(f"--log-every must be >= 1, got {args.log_every}")
     device = dist_utils.setup(args.device)
     configure_device(device)
     channels_last = channels_last_enabled(args)
@@ -634,7 +509,7 @@ def _train(args, locks: list) -> int:
     is_main = rank == 0
     out = args.out
     if args.resume and args.overwrite:
-        raise SystemExit("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if is_main:
         os.makedirs(out, exist_ok=True)
         locks.append(lock_run_dir(out))
@@ -645,7 +520,7 @@ def _train(args, locks: list) -> int:
         if os.path.isfile(candidate):
             resume_path = candidate
         elif any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
-            raise SystemExit(f"--resume: {out} holds a run but no last.pt to resume from; pass --resume FILE, "
+            raise UserError(f"--resume: {out} holds a run but no last.pt to resume from; pass --resume FILE, "
                              f"or --overwrite (without --resume) to replace the run")
         else:
             _say(f"--resume: no {candidate} yet, starting a new run")
@@ -670,7 +545,7 @@ def _train(args, locks: list) -> int:
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
     if steps_per_epoch == 0:
-        raise SystemExit(f"not one full batch of {args.batch_size} per process in {len(train_set)} training "
+        raise UserError(f"not one full batch of {args.batch_size} per process in {len(train_set)} training "
                          f"images over {world} process(es): lower --batch-size")
 
     options = model_options(args)
@@ -696,13 +571,13 @@ def _train(args, locks: list) -> int:
     if state is not None:
         saved_names = state["config"].get("class_names")
         if saved_names is not None and list(saved_names) != list(train_set.class_names):
-            raise SystemExit(f"--resume {resume_path}: its classes differ from those of --data {args.data} "
+            raise UserError(f"--resume {resume_path}: its classes differ from those of --data {args.data} "
                              f"(by name or order); resume with the data it was trained on")
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:  # other model options (e.g. --fstar-block, --mc-kernel-size)
             first = str(e).strip().splitlines()
-            raise SystemExit(f"--resume {resume_path}: its weights do not fit this model ({first[-1].strip()[:160]}"
+            raise UserError(f"--resume {resume_path}: its weights do not fit this model ({first[-1].strip()[:160]}"
                              f"); resume with the model options it was trained with") from None
         optimizer.load_state_dict(state["optimizer"])
         apply_optimizer_options(optimizer, args, state.get("train_args", {}))
@@ -718,10 +593,10 @@ def _train(args, locks: list) -> int:
         if len(rngs) == world:
             ckpt_lib.set_rng_state(rngs[rank])
         elif start_step:
-            raise SystemExit(f"{resume_path} was written in the middle of an epoch by {len(rngs)} process(es); "
+            raise UserError(f"{resume_path} was written in the middle of an epoch by {len(rngs)} process(es); "
                              f"resume it with the same number of processes (this run has {world})")
         else:
-            _warn(f"checkpoint has RNG states of {len(rngs)} process(es), this run has {world}: "
+            warn(f"checkpoint has RNG states of {len(rngs)} process(es), this run has {world}: "
                   "drop-path randomness is re-seeded (data order and augmentation are unaffected)")
         old = state.get("train_args", {})
         changed = [key for key in SCHEDULE_KEYS if key in old and _differs(old[key], getattr(args, key))]
@@ -732,7 +607,7 @@ def _train(args, locks: list) -> int:
                  f"(LR now {optimizer.param_groups[0]['lr']:.3g})")
         for key in ("batch_size", "seed", "max_steps_per_epoch", "limit_train_images"):
             if key in old and _differs(old[key], getattr(args, key)):
-                _warn(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} but the checkpoint "
+                warn(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} but the checkpoint "
                       f"was trained with {old[key]}: the run will not match an uninterrupted one")
         last_good = (resume_path, start_epoch, start_step)
         _say(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
@@ -869,7 +744,7 @@ def _train(args, locks: list) -> int:
 
             skipped = sorted({p: r for part in dist_utils.all_gather_objects(tracker.paths) for p, r in part.items()}.items())
             if skipped:
-                _warn(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable training image(s), e.g. "
+                warn(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable training image(s), e.g. "
                       + "; ".join(f"{p} ({r})" for p, r in skipped[:3]))
             record = {"epoch": epoch + 1, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"],
                       "train": {k: s / max(1, meters["images"]) for k, s in zip(LOSS_KEYS, meters["sums"])},
@@ -885,7 +760,7 @@ def _train(args, locks: list) -> int:
                                              threshold_sweep=False, progress=False)
                 except Exception:  # the epoch's training is kept: save it before the error ends the run
                     save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
-                    _warn(f"validation of epoch {epoch + 1} failed; the epoch's training was saved first to "
+                    warn(f"validation of epoch {epoch + 1} failed; the epoch's training was saved first to "
                           f"{os.path.join(out, 'last.pt')} (--resume continues with epoch {epoch + 2})")
                     raise
                 record["val"] = results.get("M", {})
@@ -932,11 +807,3 @@ def _train(args, locks: list) -> int:
          f"at epoch {best['epoch']})" if val_loader is not None else f"done: {out}/last.pt")
     dist_utils.cleanup()
     return 0
-
-
-def main(args) -> int:
-    try:
-        return train(args)
-    except NonFiniteLoss as e:
-        print(f"ERROR: {e}", file=sys.stderr, flush=True)
-        return 3

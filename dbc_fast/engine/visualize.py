@@ -144,13 +144,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(img_size=None)  # the checkpoint's input size unless given
     p.add_argument("--split", default="auto", help="split to draw from (default: the one eval reports)")
     p.add_argument("--checkpoint", help="dbc_fast checkpoint (required)")
-    p.add_argument("--out", type=cli.out_dir, help="output folder for the PNGs (required)")
-    p.add_argument("--num-images", type=cli.POSITIVE_INT, default=8,
+    p.add_argument("--out", type=options.out_dir, help="output folder for the PNGs (required)")
+    p.add_argument("--num-images", type=options.POSITIVE_INT, default=8,
                    help="draw the split's first N images (default 8)")
-    p.add_argument("--indices", type=cli.NON_NEGATIVE_INT, nargs="+", default=None,
+    p.add_argument("--indices", type=options.NON_NEGATIVE_INT, nargs="+", default=None,
                    help="draw these sample indices of the split instead")
-    p.add_argument("--cam-threshold", type=cli.FRACTION, default=0.2, help="map threshold for the boxes (default 0.2)")
-    p.add_argument("--panel-size", type=cli.POSITIVE_INT, default=256,
+    p.add_argument("--cam-threshold", type=options.FRACTION, default=0.2, help="map threshold for the boxes (default 0.2)")
+    p.add_argument("--panel-size", type=options.POSITIVE_INT, default=256,
                    help="pixels of each panel's shorter side (default 256)")
 
 
