@@ -284,3 +284,29 @@ def available_splits(name: str, root: str | os.PathLike, **options) -> list[str]
         except DatasetError:
             pass
     return found
+
+
+def first_samples(dataset, n):
+    """The first `n` samples of `dataset` (keeps samples/class_names/num_classes visible)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise ValueError(f"limit must be >= 1, got {n}")
+    return FirstSamples(dataset, n)
+
+
+class FirstSamples(torch.utils.data.Dataset):
+    """The first n samples of a dataset, with its samples/class_names/num_classes/img_size."""
+
+    def __init__(self, dataset, n):
+        self.dataset = dataset
+        self.samples = dataset.samples[:n]
+        self.img_size = getattr(dataset, "img_size", 0)
+        self.class_names = dataset.class_names
+        self.num_classes = dataset.num_classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.dataset[i]

@@ -285,7 +285,8 @@ def main(args) -> int:
     from ..data import build_dataset
     from ..data.loader import build_loader
     from .checkpoint import load_model
-    from .train import _limit, dataset_options
+    from ..data.datasets import first_samples
+    from .train import dataset_options
 
     missing = [f"--{k}" for k in ("dataset", "data", "checkpoint", "out") if not getattr(args, k, None)]
     if missing:
@@ -297,7 +298,7 @@ def main(args) -> int:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     split = default_split(args.dataset) if args.split == "auto" else args.split
-    dataset = _limit(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
+    dataset = first_samples(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
                                    missing_images=args.missing_images, **dataset_options(args)),
                      args.limit_images)
     check_classes(dataset.class_names, config, args.data, args.checkpoint)
@@ -330,7 +331,7 @@ def main(args) -> int:
                              f"split (or leave the option out)")
         if args.sweep_interval <= 0:
             raise SystemExit("--threshold-from needs the threshold sweep (--sweep-interval > 0)")
-        picking = _limit(build_dataset(args.dataset, args.data, threshold_split, img_size=args.img_size,
+        picking = first_samples(build_dataset(args.dataset, args.data, threshold_split, img_size=args.img_size,
                                        train=False, missing_images=args.missing_images, **dataset_options(args)),
                          args.limit_images)
         check_classes(picking.class_names, config, args.data, args.checkpoint)

@@ -55,30 +55,6 @@ def _say(msg: str) -> None:
         progress.write(msg, file=sys.stdout)
 
 
-def _limit(dataset, n):
-    """The first `n` samples of `dataset` (keeps samples/class_names/num_classes visible)."""
-    if n is None or n >= len(dataset):
-        return dataset
-    if n < 1:
-        raise ValueError(f"limit must be >= 1, got {n}")
-    return _Subset(dataset, n)
-
-
-class _Subset(torch.utils.data.Dataset):
-    def __init__(self, dataset, n):
-        self.dataset = dataset
-        self.samples = dataset.samples[:n]
-        self.img_size = getattr(dataset, "img_size", 0)
-        self.class_names = dataset.class_names
-        self.num_classes = dataset.num_classes
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return self.dataset[i]
-
-
 def validation_split(args):
     """(split or None, warning or None) for per-epoch validation and best-checkpoint selection.
 
@@ -127,9 +103,10 @@ def dataset_options(args) -> dict:
 
 def build_datasets(args):
     from ..data import build_dataset
+    from ..data.datasets import first_samples
     from ..data.loader import check_images_open
 
-    train_set = _limit(build_dataset(args.dataset, args.data, "train", img_size=args.img_size, train=True,
+    train_set = first_samples(build_dataset(args.dataset, args.data, "train", img_size=args.img_size, train=True,
                                      on_corrupt="skip", **dataset_options(args)),
                        args.limit_train_images)
     split, warning = validation_split(args)
@@ -137,7 +114,7 @@ def build_datasets(args):
         warn(warning)
     val_set = None
     if split is not None:
-        val_set = _limit(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
+        val_set = first_samples(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
                                        **dataset_options(args)), args.limit_val_images)
         check_images_open(val_set, f"{split} (validation)")
     return train_set, val_set, split
