@@ -29,6 +29,8 @@
 #include <limits>
 #include <vector>
 
+#include "common.h"
+
 namespace dbc_fast {
 namespace {
 
@@ -160,7 +162,7 @@ at::Tensor largest_box_cpu(const at::Tensor& maps, double threshold) {
   if (n == 0 || H == 0 || W == 0) return boxes;
   const at::Tensor contiguous = maps.contiguous();
   int64_t* out = boxes.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, contiguous.scalar_type(), "largest_box", [&] {
+  DBC_FAST_DISPATCH_FLOATING_TYPES(contiguous.scalar_type(), "largest_box", [&] {
     const scalar_t* data = contiguous.const_data_ptr<scalar_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint8_t> fg;

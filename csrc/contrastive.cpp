@@ -9,8 +9,6 @@
 // This file defines the op schemas and the CPU kernels; CUDA kernels are in csrc/cuda/contrastive.cu.
 // Inputs fp32/fp64/bf16/fp16; all arithmetic in fp32 (fp64 for fp64 inputs); losses in that type.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,10 +16,10 @@
 #include <cmath>
 #include <vector>
 
+#include "common.h"
+
 namespace dbc_fast {
 namespace {
-
-constexpr double kNormEps = 1e-12;
 
 // Items per thread chunk so that a chunk is at least ~1M multiply-adds: small problems stay on one thread
 // (a parallel region costs more than they do, and far more on a loaded machine).
@@ -29,20 +27,17 @@ int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, (int64_t(1) <
 
 void check_loss_inputs(const at::Tensor& fc, const at::Tensor& bc, const at::Tensor& ft, const at::Tensor& bt,
                        double eps, const char* op) {
-  TORCH_CHECK(fc.dim() == 2, op, ": wants [n, C] inputs, got fc of shape ", fc.sizes());
+  check_loss_matrix(fc, op);
   for (const at::Tensor* x : {&bc, &ft, &bt}) {
-    TORCH_CHECK(x->sizes() == fc.sizes(), op, ": fc, bc, ft, bt must have one shape, got ", fc.sizes(), " and ",
-                x->sizes());
+    check_loss_same_shape(*x, fc, op);
     TORCH_CHECK(x->scalar_type() == fc.scalar_type(), op, ": fc, bc, ft, bt must have one dtype, got ",
                 fc.scalar_type(), " and ", x->scalar_type());
-    TORCH_CHECK(x->device() == fc.device(), op, ": inputs on different devices");
+    check_loss_same_device(*x, fc, op);
   }
   TORCH_CHECK(at::isFloatingType(fc.scalar_type()), op, ": wants floating-point inputs, got ", fc.scalar_type());
-  TORCH_CHECK(fc.size(0) > 0, op, ": needs at least one row (n = 0)");
-  TORCH_CHECK(eps > 0 && eps < 0.5, op, ": eps must be in (0, 0.5), got ", eps);
+  check_loss_rows(fc, op);
+  check_loss_eps(eps, op);
 }
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Row-normalised copy in acc_t, with each row's norm.
 template <typename acc_t>
@@ -285,9 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_losses_ba
     const at::Tensor& g_neg_c, const at::Tensor& g_neg_t, const at::Tensor& g_pos, const at::Tensor& fc,
     const at::Tensor& bc, const at::Tensor& ft, const at::Tensor& bt, bool cross, double eps) {
   check_loss_inputs(fc, bc, ft, bt, eps, "dbc_fast::contrastive_losses_backward");
-  for (const at::Tensor* g : {&g_neg_c, &g_neg_t, &g_pos})
-    TORCH_CHECK(g->numel() == 1, "dbc_fast::contrastive_losses_backward: loss grads must be scalars, got ",
-                g->sizes());
+  check_loss_grads(g_neg_c, g_neg_t, g_pos);
   const auto acc = acc_type_of(fc.scalar_type());
   auto prep = [&](const at::Tensor& x) { return x.to(acc).contiguous(); };
   const double a = g_neg_c.item<double>(), b = g_neg_t.item<double>(), c = g_pos.item<double>();

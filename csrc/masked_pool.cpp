@@ -7,7 +7,6 @@
 // (dbc_fast/ops/cpp_backend.py). Inputs fp32/fp64/bf16/fp16, accumulation in fp32 (fp64 for fp64 inputs).
 // feat may be contiguous (NCHW) or channels_last (NHWC); other layouts are made contiguous first.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,22 +14,16 @@
 #include <algorithm>
 #include <vector>
 
+#include "common.h"
+
 namespace dbc_fast {
 namespace {
 
 void check_pool_inputs(const at::Tensor& feat, const at::Tensor& masks, const char* op) {
-  TORCH_CHECK(feat.dim() == 4 && masks.dim() == 4, op, ": wants feat [n,C,h,w] and masks [n,K,h,w], got ",
-              feat.sizes(), " and ", masks.sizes());
-  TORCH_CHECK(feat.size(0) == masks.size(0) && feat.size(2) == masks.size(2) && feat.size(3) == masks.size(3),
-              op, ": feat ", feat.sizes(), " and masks ", masks.sizes(), " differ in batch or spatial size");
+  check_pool_shapes(feat, masks, op);
   TORCH_CHECK(at::isFloatingType(feat.scalar_type()) && at::isFloatingType(masks.scalar_type()), op,
               ": wants floating-point feat and masks, got ", feat.scalar_type(), " and ", masks.scalar_type());
   TORCH_CHECK(feat.device() == masks.device(), op, ": feat on ", feat.device(), " but masks on ", masks.device());
-}
-
-// True when feat is channels_last (C innermost) and not also plain contiguous: the kernels then walk C fastest.
-bool channels_inner(const at::Tensor& feat) {
-  return !feat.is_contiguous() && feat.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 template <typename scalar_t>
@@ -167,8 +160,6 @@ void pool_backward_cpu(const at::Tensor& feat, const at::Tensor& masks_acc, cons
   });
 }
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<at::Tensor, at::Tensor> masked_pool_cpu(const at::Tensor& feat_in, const at::Tensor& masks) {
   check_pool_inputs(feat_in, masks, "dbc_fast::masked_pool");
   const bool c_inner = channels_inner(feat_in);
@@ -179,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> masked_pool_cpu(const at::Tensor& feat_in, co
   at::Tensor fg = at::empty({n, K, C}, feat.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor bg = at::empty_like(fg);
   if (fg.numel() == 0) return {fg, bg};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feat.scalar_type(), "masked_pool_cpu", [&] {
+  DBC_FAST_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "masked_pool_cpu", [&] {
     pool_forward_cpu<scalar_t>(feat, m, fg, bg, c_inner);
   });
   return {fg, bg};
@@ -188,11 +179,8 @@ std::tuple<at::Tensor, at::Tensor> masked_pool_cpu(const at::Tensor& feat_in, co
 std::tuple<at::Tensor, at::Tensor> masked_pool_backward_cpu(const at::Tensor& grad_fg, const at::Tensor& grad_bg,
                                                             const at::Tensor& feat_in, const at::Tensor& masks) {
   check_pool_inputs(feat_in, masks, "dbc_fast::masked_pool_backward");
-  const int64_t n = feat_in.size(0), C = feat_in.size(1), K = masks.size(1);
-  const int64_t P = feat_in.size(2) * feat_in.size(3);
-  TORCH_CHECK(grad_fg.sizes() == at::IntArrayRef({n, K, C}) && grad_bg.sizes() == grad_fg.sizes(),
-              "dbc_fast::masked_pool_backward: grads must be [n,K,C] = [", n, ",", K, ",", C, "], got ",
-              grad_fg.sizes(), " and ", grad_bg.sizes());
+  check_pool_grads(grad_fg, grad_bg, feat_in, masks);
+  const int64_t n = feat_in.size(0), K = masks.size(1), P = feat_in.size(2) * feat_in.size(3);
   const bool c_inner = channels_inner(feat_in);
   const at::Tensor feat = c_inner ? feat_in : feat_in.contiguous();
   const auto acc = acc_type_of(feat.scalar_type());
@@ -204,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> masked_pool_backward_cpu(const at::Tensor& gr
   at::Tensor grad_feat = at::empty_like(feat, c_inner ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   at::Tensor grad_masks = at::empty({n, K, feat.size(2), feat.size(3)}, m.options());
   if (feat.numel() > 0 && grad_masks.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feat.scalar_type(), "masked_pool_backward_cpu", [&] {
+    DBC_FAST_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "masked_pool_backward_cpu", [&] {
       pool_backward_cpu<scalar_t>(feat, m, G, S, grad_feat, grad_masks, c_inner);
     });
   } else {

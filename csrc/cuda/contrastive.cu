@@ -9,18 +9,18 @@
 // Arithmetic in fp32 (fp64 for fp64). Rows may be strided (e.g. fg[:, 0] views); channels must be contiguous.
 // Untested on GPU in this repository's CI (compiled only); see docs/kernels.md.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include "common.h"
 
 namespace dbc_fast {
 namespace {
 
 constexpr int kTile = 32;     // cosine / gradient tiles are kTile x kTile
 constexpr int kThreads = 256;  // 16 x 16 threads, each owning 2 x 2 outputs of a tile
-constexpr double kNormEps = 1e-12;
 
 template <typename scalar_t>
 struct Mats {  // fc, bc, ft, bt
@@ -74,13 +74,6 @@ __device__ __forceinline__ acc_t* out3_ptr(const Ptr3<acc_t>& o, int k) {
     case 1: return o.p[1];
     default: return o.p[2];
   }
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 // Sum over the block (kThreads threads); the result is valid in thread 0.
@@ -376,18 +369,17 @@ __global__ void loss_bwd_grads_kernel(Mats<scalar_t> x, OutMats<scalar_t> out, c
 
 void check_inputs(const at::Tensor& fc, const at::Tensor& bc, const at::Tensor& ft, const at::Tensor& bt, double eps,
                   const char* op) {
-  TORCH_CHECK(fc.dim() == 2, op, ": wants [n, C] inputs, got fc of shape ", fc.sizes());
+  check_loss_matrix(fc, op);
   for (const at::Tensor* t : {&bc, &ft, &bt}) {
-    TORCH_CHECK(t->sizes() == fc.sizes(), op, ": fc, bc, ft, bt must have one shape, got ", fc.sizes(), " and ",
-                t->sizes());
+    check_loss_same_shape(*t, fc, op);
     TORCH_CHECK(t->scalar_type() == fc.scalar_type(), op, ": fc, bc, ft, bt must have one dtype");
-    TORCH_CHECK(t->device() == fc.device(), op, ": inputs on different devices");
+    check_loss_same_device(*t, fc, op);
   }
   TORCH_CHECK(fc.is_cuda(), op, ": CUDA kernel called with ", fc.device(), " tensors");
   TORCH_CHECK(at::isFloatingType(fc.scalar_type()), op, ": wants floating-point inputs");
-  TORCH_CHECK(fc.size(0) > 0, op, ": needs at least one row (n = 0)");
+  check_loss_rows(fc, op);
   TORCH_CHECK(fc.size(0) < 46341 && fc.size(1) < (int64_t(1) << 31), op, ": n or C too large for the CUDA kernels");
-  TORCH_CHECK(eps > 0 && eps < 0.5, op, ": eps must be in (0, 0.5), got ", eps);
+  check_loss_eps(eps, op);
 }
 
 // Channels contiguous; rows may be strided.
@@ -402,8 +394,6 @@ Mats<scalar_t> make_mats(const at::Tensor (&xs)[4]) {
   }
   return m;
 }
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename scalar_t, typename acc_t>
 void launch_norms(const Mats<scalar_t>& mats, at::Tensor& norms, int n, int C, cudaStream_t stream) {
@@ -428,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_losses_cuda(const at:
   at::Tensor norms = at::empty({4, n}, opts), partial = at::empty({3, T}, opts);
   at::Tensor out[3] = {at::empty({}, opts), at::empty({}, opts), at::empty({}, opts)};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fc.scalar_type(), "contrastive_losses_cuda", [&] {
+  DBC_FAST_DISPATCH_FLOATING_TYPES(fc.scalar_type(), "contrastive_losses_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto mats = make_mats<scalar_t>(xs);
     launch_norms<scalar_t, acc_t>(mats, norms, n, C, stream);
@@ -446,9 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_losses_ba
     const at::Tensor& g_neg_c, const at::Tensor& g_neg_t, const at::Tensor& g_pos, const at::Tensor& fc,
     const at::Tensor& bc, const at::Tensor& ft, const at::Tensor& bt, bool cross, double eps) {
   check_inputs(fc, bc, ft, bt, eps, "dbc_fast::contrastive_losses_backward");
-  for (const at::Tensor* g : {&g_neg_c, &g_neg_t, &g_pos})
-    TORCH_CHECK(g->numel() == 1, "dbc_fast::contrastive_losses_backward: loss grads must be scalars, got ",
-                g->sizes());
+  check_loss_grads(g_neg_c, g_neg_t, g_pos);
   const c10::cuda::CUDAGuard guard(fc.device());
   const at::Tensor xs[4] = {rows_ready(fc), rows_ready(bc), rows_ready(ft), rows_ready(bt)};
   const int n = static_cast<int>(fc.size(0)), C = static_cast<int>(fc.size(1));
@@ -466,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_losses_ba
   at::Tensor outs[4] = {at::empty({n, C}, out_opts), at::empty({n, C}, out_opts), at::empty({n, C}, out_opts),
                         at::empty({n, C}, out_opts)};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fc.scalar_type(), "contrastive_losses_backward_cuda", [&] {
+  DBC_FAST_DISPATCH_FLOATING_TYPES(fc.scalar_type(), "contrastive_losses_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto mats = make_mats<scalar_t>(xs);
     launch_norms<scalar_t, acc_t>(mats, norms, n, C, stream);

@@ -11,7 +11,6 @@
 // grad_masks is reduced and cast inside the kernels (no partial sums, no extra launches).
 // Untested on GPU in this repository's CI (compiled only); see docs/kernels.md.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,6 +21,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common.h"
+
 namespace dbc_fast {
 namespace {
 
@@ -31,13 +32,6 @@ constexpr int kThreads = 256;  // every kernel's block size
 constexpr int kGroups = kThreads / kWarp;
 // Register budget: at least 4 blocks of 256 threads per multiprocessor (<= 64 registers per thread).
 #define DBC_POOL_BOUNDS __launch_bounds__(kThreads, 4)
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // VEC consecutive elements moved as one 16-byte access (channels_last kernels; the caller checks alignment).
 template <typename T, int VEC>
@@ -291,10 +285,7 @@ __global__ void DBC_POOL_BOUNDS pool_bwd_nhwc(const scalar_t* __restrict__ feat,
 }
 
 void check_inputs(const at::Tensor& feat, const at::Tensor& masks, const char* op) {
-  TORCH_CHECK(feat.dim() == 4 && masks.dim() == 4, op, ": wants feat [n,C,h,w] and masks [n,K,h,w], got ",
-              feat.sizes(), " and ", masks.sizes());
-  TORCH_CHECK(feat.size(0) == masks.size(0) && feat.size(2) == masks.size(2) && feat.size(3) == masks.size(3),
-              op, ": feat ", feat.sizes(), " and masks ", masks.sizes(), " differ in batch or spatial size");
+  check_pool_shapes(feat, masks, op);
   TORCH_CHECK(feat.is_cuda() && masks.device() == feat.device(), op, ": feat and masks must be on one CUDA device");
   TORCH_CHECK(at::isFloatingType(feat.scalar_type()) && at::isFloatingType(masks.scalar_type()), op,
               ": wants floating-point feat and masks");
@@ -304,12 +295,6 @@ void check_inputs(const at::Tensor& feat, const at::Tensor& masks, const char* o
                   (int64_t(1) << 31),
               op, ": channels or positions too many for the CUDA kernels' 32-bit indices");
 }
-
-bool channels_inner(const at::Tensor& feat) {
-  return !feat.is_contiguous() && feat.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Masks are read as they are when their dtype is feat's or the accumulation type (bf16 masks with bf16 features
 // under autocast, fp32 masks otherwise); any other mix is converted to the accumulation type first.
@@ -349,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> masked_pool_cuda(const at::Tensor& feat_in, c
   if (fg.numel() == 0) return {fg, bg};
   if (P == 0) return {fg.zero_(), bg.zero_()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feat_in.scalar_type(), "masked_pool_cuda", [&] {
+  DBC_FAST_DISPATCH_FLOATING_TYPES(feat_in.scalar_type(), "masked_pool_cuda", [&] {
     constexpr int vec = pack_of<scalar_t>();
     // channels_last in 16-byte packs along channels; anything else (also a channels_last map whose channels do
     // not fill whole packs) is read as a contiguous NCHW map.
@@ -386,9 +371,7 @@ std::tuple<at::Tensor, at::Tensor> masked_pool_backward_cuda(const at::Tensor& g
   const c10::cuda::CUDAGuard guard(feat_in.device());
   const int64_t n = feat_in.size(0), C = feat_in.size(1), K = masks.size(1);
   const int64_t P = feat_in.size(2) * feat_in.size(3);
-  TORCH_CHECK(grad_fg.sizes() == at::IntArrayRef({n, K, C}) && grad_bg.sizes() == grad_fg.sizes(),
-              "dbc_fast::masked_pool_backward: grads must be [n,K,C] = [", n, ",", K, ",", C, "], got ",
-              grad_fg.sizes(), " and ", grad_bg.sizes());
+  check_pool_grads(grad_fg, grad_bg, feat_in, masks);
   const bool c_inner = channels_inner(feat_in);
   // grad_feat in the layout the fake kernel promises (registration.grad_feat_layout).
   const auto grad_layout = c_inner ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -399,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> masked_pool_backward_cuda(const at::Tensor& g
   const at::Tensor gbg = grad_bg.to(feat_in.scalar_type()).contiguous();
   at::Tensor grad_feat, grad_masks = at::empty({n, K, P}, m.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feat_in.scalar_type(), "masked_pool_backward_cuda", [&] {
+  DBC_FAST_DISPATCH_FLOATING_TYPES(feat_in.scalar_type(), "masked_pool_backward_cuda", [&] {
     constexpr int vec = pack_of<scalar_t>();
     const bool packed = c_inner && C % vec == 0 && aligned16(feat_in.data_ptr()) && aligned16(gfg.data_ptr()) &&
                         aligned16(gbg.data_ptr());
