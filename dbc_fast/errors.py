@@ -41,6 +41,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or not a dbc_fast checkpoint (the message names the file)."""
 
 
+class ExportError(UserError, ValueError):
+    """Export options that cannot work, or a file that is not a dbc_fast export."""
+
+
 class DALIUnavailableError(UserError, ImportError):
     """`--loader dali` asked for but DALI is not installed; the message says how to install it."""
 

@@ -27,17 +27,18 @@ img_w, input_dtype, class_names (one per line), threshold, topk, arch, method, d
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, STRIDE, check_img_size
+from .errors import ExportError, require_cuda
+from .files import atomic_write
 
 FORMATS = ("torchscript", "aoti")
 INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
@@ -47,9 +48,6 @@ META_KEYS = ("img_h", "img_w", "input_dtype", "class_names", "threshold", "topk"
 OUTPUT_NAMES = ("logits", "top_probs", "top_classes", "maps", "boxes", "box_classes", "box_scores")
 CLASS_SPECIFIC_METHODS = ("cam", "tscam")  # their map depends on the class: a second pass with map_classes
 
-_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as dbc_fast.data.IMAGENET_MEAN / IMAGENET_STD
-_STD = (0.229, 0.224, 0.225)
-
 
 def load_op_library() -> str:
     """Loads the op library (it holds dbc_fast::largest_box) and returns its path; clear error if absent."""
@@ -57,7 +55,7 @@ def load_op_library() -> str:
 
     path = ops.library_path()
     if path is None:
-        raise RuntimeError("the dbc_fast op library (dbc_fast/_C.so) is not built; it holds dbc_fast::largest_box, "
+        raise ExportError("the dbc_fast op library (dbc_fast/_C.so) is not built; it holds dbc_fast::largest_box, "
                            "which exported models call. Build it with `pip install --no-build-isolation -e .` "
                            "(see docs/export.md) and retry")
     ops.load_library()
@@ -69,19 +67,17 @@ class InferenceModule(nn.Module):
 
     def __init__(self, model: nn.Module, img_size: Tuple[int, int], cam_threshold: float = 0.2, topk: int = 5):
         super().__init__()
-        height, width = img_size
-        if height % 32 or width % 32 or height <= 0 or width <= 0:
-            raise ValueError(f"--img-size must be positive multiples of 32, got {height}x{width}")
+        height, width = parse_img_size(img_size)
         if not 0.0 <= cam_threshold <= 1.0:
-            raise ValueError(f"the map threshold must be in [0, 1], got {cam_threshold}")
+            raise ExportError(f"the map threshold must be in [0, 1], got {cam_threshold}")
         self.model = model.eval()
         self.img_h, self.img_w = int(height), int(width)
         self.cam_threshold = float(cam_threshold)
         self.topk = int(max(1, min(topk, model.num_classes)))
         self.class_specific = getattr(model, "method", "dbc") in CLASS_SPECIFIC_METHODS
         # pixels 0..255 -> ImageNet-normalised, as ToTensor + Normalize: (x / 255 - mean) / std
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor, classes: torch.Tensor):
         x = (images.to(torch.float32) / 255.0 - self.mean) / self.std
@@ -104,17 +100,21 @@ class InferenceModule(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- building
 
-def _parse_img_size(value) -> Tuple[int, int]:
+def parse_img_size(value) -> Tuple[int, int]:
+    """(height, width) from S, "S", "HxW" or (H, W); each a positive multiple of the backbone's stride."""
     if isinstance(value, (tuple, list)):
         h, w = value
-        return int(h), int(w)
-    text = str(value).lower()
-    parts = text.split("x") if "x" in text else [text, text]
+    else:
+        text = str(value).lower()
+        parts = text.split("x") if "x" in text else [text, text]
+        try:
+            h, w = (int(p) for p in parts)
+        except ValueError:
+            raise ExportError(f"--img-size wants S or HxW (multiples of {STRIDE}), got {value!r}") from None
     try:
-        h, w = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--img-size wants S or HxW (multiples of 32), got {value!r}") from None
-    return h, w
+        return check_img_size(int(h), "--img-size height"), check_img_size(int(w), "--img-size width")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def load_checkpoint_model(path: str, device: str = "cpu"):
@@ -152,7 +152,7 @@ def export_torchscript(module: InferenceModule, path: str, metadata: Dict[str, s
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks; the shapes are fixed
         traced = torch.jit.trace(module, example, check_trace=False, strict=False)
-    _atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=metadata))
+    atomic_write(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=metadata))
 
 
 def export_aoti(module: InferenceModule, path: str, metadata: Dict[str, str], example, max_batch: int = 256,
@@ -165,21 +165,8 @@ def export_aoti(module: InferenceModule, path: str, metadata: Dict[str, str], ex
         program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
     configs = {"aot_inductor.metadata": dict(metadata)}
     configs.update(inductor_configs or {})
-    _atomic_write(path, lambda tmp: torch._inductor.aoti_compile_and_package(
-        program, package_path=tmp, inductor_configs=configs))
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = ".pt2" if path.endswith(".pt2") else ".tmp"  # aoti_compile_and_package wants a .pt2 name
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch._inductor.aoti_compile_and_package(
+        program, package_path=tmp, inductor_configs=configs), suffix=".pt2")  # the packager wants a .pt2 name
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -189,7 +176,7 @@ class ExportedModel:
 
     def __init__(self, path: str, op_library: Optional[str] = None):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"exported model not found: {path}")
+            raise ExportError(f"exported model not found: {path}")
         if op_library:
             torch.ops.load_library(op_library)
         elif not hasattr(torch.ops.dbc_fast, "largest_box"):
@@ -206,7 +193,7 @@ class ExportedModel:
         self.metadata = {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX) and v != ""}
         missing = [k for k in ("img_h", "img_w", "input_dtype", "device") if k not in self.metadata]
         if missing:
-            raise ValueError(f"{path}: not a dbc-fast export (metadata {missing} missing)")
+            raise ExportError(f"{path}: not a dbc-fast export (metadata {missing} missing)")
         self.img_size = (int(self.metadata["img_h"]), int(self.metadata["img_w"]))
         self.input_dtype = INPUT_DTYPES[self.metadata["input_dtype"]]
         self.device = torch.device(self.metadata["device"])
@@ -260,51 +247,26 @@ def predict_image(model: ExportedModel, path: str, given_class: int = -1) -> dic
     }
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import cli
-
-    p.add_argument("--checkpoint", required=True, help="dbc_fast checkpoint (.pt from `dbc-fast train`)")
-    p.add_argument("--format", choices=FORMATS, default="torchscript",
-                   help="torchscript (torch.jit.trace, .ts) or aoti (torch.export + AOTInductor, .pt2)")
-    p.add_argument("--out", required=True, type=options.out_file, help="output file (.ts / .pt for torchscript, .pt2 for aoti)")
-    p.add_argument("--img-size", type=_parse_img_size, default=None,
-                   help="input size S or HxW, multiples of 32 (default: the checkpoint's img_size)")
-    p.add_argument("--cam-threshold", type=options.FRACTION, default=0.2,
-                   help="box threshold, a fraction of the map's max (default 0.2, as dbc-fast eval)")
-    p.add_argument("--topk", type=options.POSITIVE_INT, default=5, help="how many top classes the module returns (default 5)")
-    p.add_argument("--input-dtype", choices=sorted(INPUT_DTYPES), default="uint8",
-                   help="pixel dtype of the images input (default uint8; a TorchScript file accepts both)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="device to export for (an AOTInductor package runs only there; default cpu)")
-    p.add_argument("--batch", type=options.POSITIVE_INT, default=2, help="example batch size used for tracing/export (default 2)")
-    p.add_argument("--max-batch", type=options.POSITIVE_INT, default=256,
-                   help="largest batch an aoti package accepts (dynamic batch 1..max; default 256)")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip loading the written file and comparing it with the eager module")
-
-
 def export_checkpoint(checkpoint: str, out: str, fmt: str = "torchscript", img_size=None, cam_threshold: float = 0.2,
                       topk: int = 5, input_dtype: str = "uint8", device: str = "cpu", batch: int = 2,
                       max_batch: int = 256, inductor_configs: Optional[dict] = None):
     """Writes the export; returns (InferenceModule (eager), metadata)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if input_dtype not in INPUT_DTYPES:
-        raise ValueError(f"unknown input dtype {input_dtype!r}; choose one of {', '.join(INPUT_DTYPES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available here")
+        raise ExportError(f"unknown input dtype {input_dtype!r}; choose one of {', '.join(INPUT_DTYPES)}")
+    if device == "cuda":
+        require_cuda()
     if (fmt == "aoti") != out.endswith(".pt2"):
-        raise ValueError(f"--out {out}: an aoti export must be named *.pt2 and a torchscript one must not "
+        raise ExportError(f"--out {out}: an aoti export must be named *.pt2 and a torchscript one must not "
                          "(dbc_infer and ExportedModel tell the formats apart by that suffix)")
     if topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {topk}")
+        raise ExportError(f"--topk must be >= 1, got {topk}")
     if batch < 1 or max_batch < batch:
-        raise ValueError(f"want 1 <= --batch <= --max-batch, got {batch} and {max_batch}")
+        raise ExportError(f"want 1 <= --batch <= --max-batch, got {batch} and {max_batch}")
     load_op_library()
     model, config = load_checkpoint_model(checkpoint, device=device)
-    size = _parse_img_size(img_size if img_size is not None else config.get("img_size", 224))
+    size = parse_img_size(img_size if img_size is not None else config.get("img_size", 224))
     module = InferenceModule(model, size, cam_threshold=cam_threshold, topk=topk).to(device).eval()
     metadata = metadata_for(module, config, input_dtype, device)
     example = example_inputs(module, batch, input_dtype, device)
@@ -327,36 +289,3 @@ def compare_outputs(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor
         else:
             diffs[name] = float((a != b).sum())
     return diffs
-
-
-def main(args) -> int:
-    start = time.time()
-    try:
-        module, metadata = export_checkpoint(
-            args.checkpoint, args.out, fmt=args.format, img_size=args.img_size, cam_threshold=args.cam_threshold,
-            topk=args.topk, input_dtype=args.input_dtype, device=args.device, batch=args.batch,
-            max_batch=args.max_batch)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"dbc-fast export: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out} ({args.format}, {metadata[META_PREFIX + 'img_h']}x{metadata[META_PREFIX + 'img_w']}, "
-          f"{args.input_dtype} input, {args.device}) in {time.time() - start:.1f}s")
-    if not args.no_check:
-        exported = ExportedModel(args.out)
-        images, classes = example_inputs(module, 1, args.input_dtype, args.device, seed=1)
-        with torch.no_grad():
-            expected = module(images, classes)
-        diffs = compare_outputs(expected, exported(images, classes))
-        print("check against eager: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
-        if diffs["boxes"] or diffs["top_classes"] or diffs["logits"] > 1e-3:
-            print(f"dbc-fast export: {args.out} does not reproduce the eager module (see the differences above)",
-                  file=sys.stderr)
-            return 1
-    print(f"run it: dbc_infer {args.out} IMAGE --ops {load_op_library()}  (see docs/export.md)")
-    return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="dbc-fast export", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))

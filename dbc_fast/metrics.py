@@ -448,3 +448,40 @@ class MaskEvaluator:
                     "best_threshold": float(c["thresholds"][k])})
         out["count"] = self.count
         return out
+
+
+def map_to_original(m: torch.Tensor, w: int, h: int) -> np.ndarray:
+    """A low-resolution map [h', w'] -> [h, w] (bicubic, as wsolevaluation), min-max normalised to [0, 1]."""
+    import cv2
+
+    up = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_CUBIC)
+    lo, hi = float(up.min()), float(up.max())
+    return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+
+
+
+def box_in_original(m: torch.Tensor, w: int, h: int, threshold: float, band_rows: int = 256) -> list[float]:
+    """The box of extract_boxes(map_to_original(m, w, h), threshold), the same numbers, computed in bands of
+    rows: extract_boxes' float64 copies of a full-size map cost 24 bytes a pixel (2.6 GB at 108 megapixels);
+    this holds the float32 map and the uint8 score map it thresholds (5 bytes a pixel)."""
+    import cv2
+
+    from ..metrics import _boxes_from_uint8
+
+    up = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_CUBIC)
+    lo, hi = float(up.min()), float(up.max())
+    bands = [slice(r, r + band_rows) for r in range(0, h, band_rows)]
+    if not hi > lo:  # constant or NaN: map_to_original gives zeros, extract_boxes (0, 0, 0, 0)
+        return [0.0] * 4
+    heat_lo = min(float(((up[b] - lo) / (hi - lo)).min()) for b in bands)  # map_to_original, band by band
+    heat_hi = max(float(((up[b] - lo) / (hi - lo)).max()) for b in bands)
+    if not heat_hi > heat_lo:
+        return [0.0] * 4
+    score = np.empty((h, w), np.uint8)
+    for b in bands:  # then prepare_map's float64 min-max normalisation and the uint8 score map
+        band = ((up[b] - lo) / (hi - lo)).astype(np.float64)
+        band -= heat_lo
+        band /= heat_hi - heat_lo
+        score[b] = (band * 255).astype(np.uint8)
+    del up
+    return [float(v) for v in _boxes_from_uint8(score, threshold, False).reshape(-1, 4)[0]]

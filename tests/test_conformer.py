@@ -13,7 +13,8 @@ import timm
 import torch
 
 import dbc_fast
-from dbc_fast.models.conformer import ARCH_CONFIGS, Attention, Conformer, _register_timm_models, build_conformer
+from dbc_fast.models.conformer import ARCH_CONFIGS, Attention, Conformer, build_conformer
+from dbc_fast.models.timm_registry import register_timm_models
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 PARAM_COUNTS = {  # with 1000 classes (DESIGN.md; the official models)
@@ -237,4 +238,4 @@ def test_backbone_input_checks():
         build_conformer("conformer_huge_patch16")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # registering again (e.g. a second import path) is a silent no-op
-        assert _register_timm_models() == []
+        assert register_timm_models() == []

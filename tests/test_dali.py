@@ -113,7 +113,7 @@ def test_eval_matches_torch_loader(shared_data, name, split, n):
 def test_train_matches_torch_loader_crop_and_flip(shared_data, name, split, n):
     """Same shuffled order, and the same crop offset and flip per sample (drawn from (seed, epoch, index)),
     so the training batches agree within the resize tolerance, boxes exactly; over two epochs."""
-    from dbc_fast.data.dali import train_params
+    from dbc_fast.data.transforms import train_params
 
     ds = _build(shared_data, name, split, n, train=True)
     dali, torch_loader = _dali(ds, 4, train=True, seed=7, drop_last=True), _torch(ds, 4, train=True, seed=7)
@@ -135,7 +135,8 @@ def test_train_matches_torch_loader_crop_and_flip(shared_data, name, split, n):
 def test_train_pipeline_crop_and_flip_are_exact(shared_data):
     """The DALI train output equals DALI's own R x R resize cropped at (left, top) and flipped as
     train_params says: the crop/flip parameters reach the pipeline exactly (no off-by-one)."""
-    from dbc_fast.data.dali import DaliLoader, train_params
+    from dbc_fast.data.dali import DaliLoader
+    from dbc_fast.data.transforms import train_params
 
     ds = _build(shared_data, "tiny-imagenet", "val", 12, train=True)
     r = 256
@@ -397,11 +398,10 @@ def test_bench_loader_train_step(shared_data, monkeypatch):
     """The training-step measurements: fed by each loader, and alone on a fixed batch."""
     import argparse
 
-    import dbc_fast
-
-    bench = importlib.import_module("dbc_fast.data.bench_loader")
+    bench = importlib.import_module("dbc_fast.cli.bench_loader")
+    measure = importlib.import_module("dbc_fast.engine.bench_loader")
     models = []
-    monkeypatch.setattr(dbc_fast, "create_model",
+    monkeypatch.setattr(measure, "create_model",
                         lambda arch, n, method: models.append(_TinyModel(n)) or models[-1])
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -417,7 +417,7 @@ def test_bench_loader_train_step(shared_data, monkeypatch):
 
 
 def test_image_folder_dataset_labels_by_subfolder(tmp_path, shared_data):
-    from dbc_fast.data.bench_loader import image_folder_dataset
+    from dbc_fast.data.datasets import image_folder_dataset
 
     src = _build(shared_data, "cub", "test", 2, train=False).samples
     for k, s in enumerate(src):

@@ -25,12 +25,12 @@ from .options import check_device
 
 COMMANDS = {
     "train": ("dbc_fast.cli.train", "train a model (validation every epoch, checkpoints, resume)"),
-    "eval": ("dbc_fast.engine.evaluate", "evaluate a checkpoint: Cls / Loc accuracies and MaxBoxAccV2"),
-    "predict": ("dbc_fast.engine.predict", "classes and boxes for image files, optionally drawn"),
-    "export": ("dbc_fast.export", "export a checkpoint to TorchScript / torch.export (AOTInductor)"),
-    "bench-loader": ("dbc_fast.data.bench_loader", "measure data loader throughput (torch vs DALI)"),
-    "profile": ("dbc_fast.engine.profile", "parameters, MACs, inference memory and epoch time (paper Table 10)"),
-    "visualize": ("dbc_fast.engine.visualize", "panels of M_a, M_c and M with boxes for a split's images (Figs. 3-5, 7)"),
+    "eval": ("dbc_fast.cli.eval", "evaluate a checkpoint: Cls / Loc accuracies and MaxBoxAccV2"),
+    "predict": ("dbc_fast.cli.predict", "classes and boxes for image files, optionally drawn"),
+    "export": ("dbc_fast.cli.export", "export a checkpoint to TorchScript / torch.export (AOTInductor)"),
+    "bench-loader": ("dbc_fast.cli.bench_loader", "measure data loader throughput (torch vs DALI)"),
+    "profile": ("dbc_fast.cli.profile", "parameters, MACs, inference memory and epoch time (paper Table 10)"),
+    "visualize": ("dbc_fast.cli.visualize", "panels of M_a, M_c and M with boxes for a split's images (Figs. 3-5, 7)"),
 }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ..data import DATASET_NAMES
 from ..data.transforms import check_img_size
-from ..errors import DeviceUnavailableError, require_cuda
+from ..errors import DeviceUnavailableError, UserError, require_cuda
 from ..models import ARCH_CONFIGS, METHODS
 
 ARCHS = tuple(ARCH_CONFIGS)
@@ -152,3 +152,24 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-path", type=bounded(float, 0, 1, high_open=True), default=0.1, help="stochastic depth rate (default 0.1)")
 
 
+def default_split(dataset: str) -> str:
+    # the split the paper reports: CUB test, ILSVRC val (called "test" in wsolevaluation's metadata);
+    # Tiny ImageNet only has val; VOC's segmentation test masks are not public, so val.
+    return "val" if dataset in ("tiny-imagenet", "voc-seg") else "test"
+
+
+def check_classes(data_names, config: dict, data: str, checkpoint: str) -> None:
+    """The data's classes must be the checkpoint's, in the same order (by name, not only by count): class i
+    of the model is class i of the labels, or every metric is silently wrong."""
+    data_names = list(data_names)
+    if len(data_names) != config["num_classes"]:
+        raise UserError(f"{data} has {len(data_names)} classes but {checkpoint} was trained for "
+                         f"{config['num_classes']}")
+    trained = config.get("class_names")
+    if trained is None:  # a checkpoint without names: only the count can be checked
+        return
+    if list(trained) != data_names:
+        i = next(i for i, (a, b) in enumerate(zip(trained, data_names)) if a != b)
+        how = "in another order" if sorted(trained) == sorted(data_names) else "with other names"
+        raise UserError(f"{data} has the classes of {checkpoint} {how}: class {i} is {data_names[i]!r} in the "
+                         f"data but {trained[i]!r} in the checkpoint")

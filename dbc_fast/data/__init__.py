@@ -4,7 +4,8 @@ See docs/data.md for the layouts, options, box conventions and the bad-input pol
 """
 from .archive import cache_dir, resolve_root, unpack_archive
 from .datasets import (DATASET_NAMES, SkippedImages, SkippedSample, WSOLDataset, available_splits,
-                       build_dataset, collate, load_image)
+                       build_dataset, collate)
+from .images import load_image
 from ..errors import DatasetError
 from .readers import Sample
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, train_resize_size

@@ -14,7 +14,7 @@ index, skipped) with the same transforms, the same epoch order and the same rand
   (mean |diff| ~0.2 of 255) and at the image border, where PIL renormalises its truncated filter and DALI
   clamps (up to ~12/255 on the outermost row/column); tests/test_dali.py asserts the tolerance.
 - Randomness: the crop offset and flip of each sample are drawn exactly as `TrainTransform` draws them,
-  from torch's RNG seeded by `loader.sample_seed(seed, epoch, index)`, and fed to the pipeline, so DALI
+  from torch's RNG seeded by `transforms.sample_seed(seed, epoch, index)`, and fed to the pipeline, so DALI
   and the PyTorch loader crop and flip each sample identically and a resumed run repeats its batches.
 - Feeding: an external source reads the files of `dataset.samples` in Python threads (so the epoch order,
   the sharding and the skipping of bad files are ours, not the file reader's: its shuffle is a buffer, not
@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from .datasets import SkippedSample, boxes_for_decoded_size
+from .images import load_image
 from ..errors import DALIUnavailableError, DatasetError
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, scale_boxes, train_resize_size
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, scale_boxes, train_boxes, train_params, train_resize_size
 
 INSTALL_HINT = ("NVIDIA DALI is not installed. Install it with `pip install 'dbc_fast[dali]'` (the CUDA 13 "
                 "wheel nvidia-dali-cuda130; use nvidia-dali-cuda120 for CUDA 12), or use --loader torch.")
@@ -126,39 +127,16 @@ def build_pipeline(source, *, augment: bool, img_size: int, batch_size: int, num
     return pipeline()
 
 
-def train_params(seed: int, epoch: int, index: int, img_size: int) -> tuple[int, int, bool]:
-    """(left, top, flip) of sample `index` in `epoch`: the draws TrainTransform makes from torch's RNG
-    after the PyTorch loader seeds it with sample_seed(seed, epoch, index)."""
-    from .loader import sample_seed
-
-    span = train_resize_size(img_size) - img_size + 1
-    g = torch.Generator()
-    g.manual_seed(sample_seed(seed, epoch, index))
-    left = int(torch.randint(0, span, (), generator=g).item())
-    top = int(torch.randint(0, span, (), generator=g).item())
-    flip = bool(torch.rand((), generator=g).item() < 0.5)
-    return left, top, flip
-
-
 def sample_boxes(sample, decoded_wh: tuple[int, int], img_size: int,
                  params: tuple[int, int, bool] | None) -> tuple[tuple[int, int], torch.Tensor]:
     """(orig_size, boxes in the output image's pixels) of a sample, as WSOLDataset/EvalTransform/
     TrainTransform compute them: boxes refer to `sample.size` where known, else the decoded size (clipped
     to it); params None = evaluation (scale to S x S), else the training crop/flip."""
     size, boxes = boxes_for_decoded_size(sample, decoded_wh, train=params is not None)
-    s = img_size
     if params is None:
-        out = scale_boxes(boxes, size, s, s)
+        out = scale_boxes(boxes, size, img_size, img_size)
     else:
-        left, top, flip = params
-        r = train_resize_size(s)
-        out = scale_boxes(boxes, size, r, r)
-        out[:, 0::2] -= left
-        out[:, 1::2] -= top
-        inside = (out[:, 0] <= s - 1) & (out[:, 1] <= s - 1) & (out[:, 2] >= 0) & (out[:, 3] >= 0)
-        out = np.clip(out[inside], 0, s - 1)
-        if flip:
-            out = np.stack([s - 1 - out[:, 2], out[:, 1], s - 1 - out[:, 0], out[:, 3]], axis=1)
+        out = train_boxes(boxes, size, img_size, *params)
     return size, torch.from_numpy(out.astype(np.float32).reshape(-1, 4))
 
 
@@ -202,8 +180,6 @@ def shutdown_pipeline(pipe) -> None:
 
 def _pil_opinion(path: str) -> str:
     """What PIL says about a file DALI cannot decode (DALI's own error does not say what is wrong)."""
-    from .datasets import load_image
-
     try:
         load_image(path)
     except DatasetError as e:

@@ -8,12 +8,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from . import readers
 from .archive import resolve_root
 from ..errors import DatasetError
-from .readers import ReadResult, Sample
+from .images import IMAGE_EXTENSIONS, is_image_file, load_image
+from .readers import NO_BOXES, ReadResult, Sample
 from .transforms import EvalTransform, TrainTransform, check_img_size
 
 DATASET_NAMES = ("cub", "ilsvrc", "tiny-imagenet", "folder", "voc-seg")
@@ -26,21 +26,6 @@ class SkippedSample(NamedTuple):
     path: str
     reason: str
     img_size: int
-
-
-def load_image(path: str) -> Image.Image:
-    """Decode an image fully as RGB; any failure is a DatasetError naming the file."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # convert() decodes the whole image, so truncation shows up here
-    except FileNotFoundError as e:
-        raise DatasetError("image file does not exist", path) from e
-    except UnidentifiedImageError as e:
-        raise DatasetError("not an image PIL can read (corrupt or wrong format)", path) from e
-    except Image.DecompressionBombError as e:
-        raise DatasetError(f"image too large to decode safely: {e}", path) from e
-    except (OSError, SyntaxError, ValueError) as e:  # truncated data, bad headers, decoder errors
-        raise DatasetError(f"corrupt or truncated image: {e}", path) from e
 
 
 def load_mask(path: str, decoded_wh: tuple[int, int], img_size: int) -> torch.Tensor:
@@ -310,3 +295,22 @@ class FirstSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.dataset[i]
+
+
+def image_folder_dataset(root, img_size: int, max_images: int | None = None):
+    """A training WSOLDataset of every image file below `root` (folder or archive): label = index of the
+    top-level subfolder (sorted), or 0 for images directly in `root`; no boxes."""
+    base = resolve_root(root)
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(base) for f in names
+                   if is_image_file(f) and not f.startswith("."))
+    if not files:
+        raise DatasetError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) below this folder", base)
+    if max_images is not None:
+        files = files[:max_images]
+    top = [os.path.relpath(f, base).split(os.sep) for f in files]
+    classes = sorted({parts[0] for parts in top if len(parts) > 1}) or ["images"]
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [Sample(f, index.get(parts[0], 0) if len(parts) > 1 else 0, NO_BOXES, None)
+               for f, parts in zip(files, top)]
+    return WSOLDataset(samples, classes, img_size=img_size, train=True, name="images", split="all",
+                       root=str(base))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import signal
-import zlib
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .. import distributed as dist_utils
 from .datasets import collate
+from .transforms import sample_seed
 
 LOADERS = ("torch", "dali", "auto")
 
@@ -29,11 +29,6 @@ LOADERS = ("torch", "dali", "auto")
 # naming the file), and what PIL raises for missing, truncated or non-image files (OSError,
 # UnidentifiedImageError) or some malformed headers (SyntaxError) when a dataset does not wrap them.
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 31-bit seed that depends only on (seed, epoch, index)."""
-    return zlib.crc32(f"{seed}/{epoch}/{index}".encode()) & 0x7FFFFFFF
 
 
 class SeededDataset(Dataset):

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from ..progress import Progress
-from .datasets import WSOLDataset, boxes_for_decoded_size, load_image
+from .datasets import WSOLDataset, boxes_for_decoded_size
+from .images import load_image
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, scale_boxes, train_resize_size
 
 

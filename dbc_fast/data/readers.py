@@ -22,9 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import DatasetError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
+from .images import is_image_file
 
 class Sample(NamedTuple):
     path: str  # a real file on disk
@@ -43,10 +41,6 @@ class ReadResult:
 
 
 NO_BOXES = np.zeros((0, 4), np.float32)
-
-
-def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 # --------------------------------------------------------------------------------------------- helpers

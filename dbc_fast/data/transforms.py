@@ -12,9 +12,11 @@ does), which may differ from the decoded image's size (e.g. ilsvrc-val-300's ima
 Train boxes: after the crop they are clipped to [0, S - 1] (boxes entirely outside the crop are dropped),
 and the flip maps the inclusive pixel column x to S - 1 - x. The random numbers come from torch's RNG, so
 DataLoader worker seeding makes them reproducible. The draws and their order (crop left, crop top, flip)
-are part of the contract: the DALI loader (dali.train_params) reproduces them.
+are part of the contract (draw_train_params): the DALI loader reproduces them with train_params.
 """
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import torch
@@ -76,20 +78,50 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image, boxes: np.ndarray, size: tuple[int, int]):
         s, r = self.img_size, self.resize
-        image = image.resize((r, r), Image.BILINEAR)
-        left = int(torch.randint(0, r - s + 1, ()).item())
-        top = int(torch.randint(0, r - s + 1, ()).item())
-        image = image.crop((left, top, left + s, top + s))
-        boxes = scale_boxes(boxes, size, r, r)
-        boxes[:, 0::2] -= left
-        boxes[:, 1::2] -= top
-        inside = (boxes[:, 0] <= s - 1) & (boxes[:, 1] <= s - 1) & (boxes[:, 2] >= 0) & (boxes[:, 3] >= 0)
-        boxes = np.clip(boxes[inside], 0, s - 1)
-        if torch.rand(()).item() < self.flip_prob:
+        left, top, flip = draw_train_params(s, self.flip_prob)
+        image = image.resize((r, r), Image.BILINEAR).crop((left, top, left + s, top + s))
+        if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            boxes = np.stack([s - 1 - boxes[:, 2], boxes[:, 1], s - 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+        boxes = train_boxes(boxes, size, s, left, top, flip)
         return to_normalized_tensor(image), torch.from_numpy(boxes.astype(np.float32).reshape(-1, 4))
 
     def __repr__(self):
         return (f"TrainTransform(resize {self.resize}x{self.resize}, random crop {self.img_size}, "
                 f"flip p={self.flip_prob}, normalize)")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 31-bit seed that depends only on (seed, epoch, index)."""
+    return zlib.crc32(f"{seed}/{epoch}/{index}".encode()) & 0x7FFFFFFF
+
+
+def draw_train_params(img_size: int, flip_prob: float = 0.5, generator=None) -> tuple[int, int, bool]:
+    """(left, top, flip) of one training crop: the draws, in this order, from torch's RNG (or `generator`)."""
+    span = train_resize_size(img_size) - img_size + 1
+    left = int(torch.randint(0, span, (), generator=generator).item())
+    top = int(torch.randint(0, span, (), generator=generator).item())
+    flip = bool(torch.rand((), generator=generator).item() < flip_prob)
+    return left, top, flip
+
+
+def train_params(seed: int, epoch: int, index: int, img_size: int) -> tuple[int, int, bool]:
+    """(left, top, flip) of sample `index` in `epoch`: the draws TrainTransform makes from torch's RNG
+    after the PyTorch loader seeds it with sample_seed(seed, epoch, index)."""
+    g = torch.Generator()
+    g.manual_seed(sample_seed(seed, epoch, index))
+    return draw_train_params(img_size, 0.5, g)
+
+
+def train_boxes(boxes: np.ndarray, size: tuple[int, int], img_size: int, left: int, top: int,
+                flip: bool) -> np.ndarray:
+    """Boxes in the pixels of `size` = (w, h) -> pixels of the S x S training crop at (left, top) of the R x R
+    resize, flipped if `flip`: clipped to [0, S - 1], boxes entirely outside the crop dropped."""
+    s, r = img_size, train_resize_size(img_size)
+    out = scale_boxes(boxes, size, r, r)
+    out[:, 0::2] -= left
+    out[:, 1::2] -= top
+    inside = (out[:, 0] <= s - 1) & (out[:, 1] <= s - 1) & (out[:, 2] >= 0) & (out[:, 3] >= 0)
+    out = np.clip(out[inside], 0, s - 1)
+    if flip:
+        out = np.stack([s - 1 - out[:, 2], out[:, 1], s - 1 - out[:, 0], out[:, 3]], axis=1)
+    return out

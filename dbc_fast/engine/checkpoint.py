@@ -24,12 +24,12 @@ import json
 import os
 import random
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..files import atomic_write
 from ..models.pretrained import read_checkpoint_file
 
 
@@ -69,21 +69,13 @@ def plain(value):
 
 
 def save_atomic(obj, path: str) -> None:
-    """Writes `obj` to a temporary file beside `path`, then renames it over `path`: a crash never leaves a
-    truncated checkpoint (the previous one stays until the new one is complete)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    """torch.save through files.atomic_write: a crash never leaves a truncated checkpoint (the previous one stays
+    until the new one is complete); a full disk is said in one line."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = os.path.dirname(os.path.abspath(path))
             raise CheckpointError(f"cannot write checkpoint {path}: no space left on the device of {folder} "
                                   f"(the previous {os.path.basename(path)}, if any, is kept)") from e
         raise
@@ -92,14 +84,13 @@ def save_atomic(obj, path: str) -> None:
 def link_or_copy(src: str, dst: str) -> None:
     """Atomically makes `dst` the same content as `src`: a hard link when the file system allows (no copy;
     `save_atomic` later replaces `src` by a new file, so `dst` keeps this content), else a copy."""
-    tmp = f"{dst}.{os.getpid()}.tmp"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    def write(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+    atomic_write(dst, write)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

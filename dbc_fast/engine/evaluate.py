@@ -1,4 +1,4 @@
-"""`dbc-fast eval`: every WSOL figure of the paper for a checkpoint, on a dataset split.
+"""Evaluation of a model on a loader: every WSOL figure of the paper (behind `dbc-fast eval` and per-epoch validation).
 
 For each map the method has (M = the final map, M_a = attention map, M_c = CNN map; cam/tscam have M only):
 Top-1/Top-5 Cls, GT-known / Top-1 / Top-5 Loc at --cam-threshold and at the best threshold of a sweep,
@@ -14,12 +14,6 @@ Under torchrun every rank evaluates its shard and rank 0 computes the metrics fr
 numbers as one process).
 """
 from __future__ import annotations
-
-import argparse
-import json
-import os
-import sys
-import time
 
 import numpy as np
 import torch
@@ -53,42 +47,6 @@ MASK_KEYS = {"PxAP": "PxAP", "IoU": "mask_IoU", "precision": "mask_precision", "
              "background_IoU": "background_IoU", "background_precision": "background_precision",
              "background_recall": "background_recall"}
 DEFAULT_SWEEP = tuple(round(0.01 * i, 2) for i in range(100))  # 0.00 .. 0.99, wsolevaluation's grid
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .. import cli
-    from ..data import DATASET_NAMES
-    from .train import add_data_arguments
-
-    add_data_arguments(p)
-    for action in p._actions:  # eval takes every layout build_dataset reads, mask sets included
-        if action.dest == "dataset":
-            action.choices = DATASET_NAMES
-    p.add_argument("--split", default="auto",
-                   help="split to evaluate: test (cub, ilsvrc) / val (tiny-imagenet, voc-seg) by default (auto)")
-    p.add_argument("--checkpoint", help="dbc_fast checkpoint (best.pt / last.pt) (required)")
-    p.add_argument("--batch-size", type=options.POSITIVE_INT, default=64, help="images per batch per process (default 64)")
-    p.add_argument("--out", type=options.out_dir, help="folder for metrics.json (required)")
-    p.add_argument("--cam-threshold", type=options.FRACTION, default=0.2, help="map threshold for the boxes (default 0.2)")
-    p.add_argument("--sweep-interval", type=options.bounded(float, 0, 1, high_open=True), default=0.01,
-                   help="map thresholds 0, i, 2i, .. < 1 tried for the best-threshold figures (default 0.01; 0 = skip)")
-    p.add_argument("--maps", nargs="+", choices=("M", "M_a", "M_c"), default=["M", "M_a", "M_c"],
-                   help="maps to evaluate, where the method has them (default all)")
-    p.add_argument("--no-maxboxacc", action="store_true", help="skip MaxBoxAccV2 (the slowest part)")
-    p.add_argument("--threshold-from", default=None, metavar="SPLIT",
-                   help="choose the best-threshold figures' map thresholds (best-threshold Loc, MaxBoxAccV2 per "
-                        "IoU) on SPLIT, e.g. val (cub/ilsvrc with --metadata), and report the evaluated split at "
-                        "them (default: chosen on the evaluated split itself, an optimistic figure)")
-    p.add_argument("--mask-threshold", type=options.FRACTION, default=0.3,
-                   help="map threshold for the foreground IoU / precision / recall of a mask set (default 0.3, "
-                        "C2AM's cut for its background cues)")
-    p.add_argument("--missing-images", choices=("error", "skip"), default="error",
-                   help="an annotated image missing on disk: stop (error, default) or leave it out with a warning")
-    p.add_argument("--allow-nonfinite-maps", action="store_true",
-                   help="score maps with NaN/inf values as empty maps (misses) instead of stopping; their count "
-                        "is reported")
-    p.add_argument("--limit-images", type=options.POSITIVE_INT, default=None, help="evaluate the first N images only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # ------------------------------------------------------------------------------------------ the metrics
@@ -250,125 +208,3 @@ def format_results(results: dict) -> list[str]:
     return lines
 
 
-def _sweep(interval: float):
-    if interval <= 0:
-        return ()
-    if interval >= 1:
-        raise SystemExit(f"--sweep-interval must be in (0, 1), got {interval}")
-    return tuple(round(float(t), 6) for t in np.arange(0, 1, interval))
-
-
-def default_split(dataset: str) -> str:
-    # the split the paper reports: CUB test, ILSVRC val (called "test" in wsolevaluation's metadata);
-    # Tiny ImageNet only has val; VOC's segmentation test masks are not public, so val.
-    return "val" if dataset in ("tiny-imagenet", "voc-seg") else "test"
-
-
-def check_classes(data_names, config: dict, data: str, checkpoint: str) -> None:
-    """The data's classes must be the checkpoint's, in the same order (by name, not only by count): class i
-    of the model is class i of the labels, or every metric is silently wrong."""
-    data_names = list(data_names)
-    if len(data_names) != config["num_classes"]:
-        raise SystemExit(f"{data} has {len(data_names)} classes but {checkpoint} was trained for "
-                         f"{config['num_classes']}")
-    trained = config.get("class_names")
-    if trained is None:  # a checkpoint without names: only the count can be checked
-        return
-    if list(trained) != data_names:
-        i = next(i for i, (a, b) in enumerate(zip(trained, data_names)) if a != b)
-        how = "in another order" if sorted(trained) == sorted(data_names) else "with other names"
-        raise SystemExit(f"{data} has the classes of {checkpoint} {how}: class {i} is {data_names[i]!r} in the "
-                         f"data but {trained[i]!r} in the checkpoint")
-
-
-def main(args) -> int:
-    from ..data import build_dataset
-    from ..data.loader import build_loader
-    from .checkpoint import load_model
-    from ..data.datasets import first_samples
-    from .train import dataset_options
-
-    missing = [f"--{k}" for k in ("dataset", "data", "checkpoint", "out") if not getattr(args, k, None)]
-    if missing:
-        raise SystemExit(f"dbc-fast eval: missing required option(s) {', '.join(missing)}")
-    if args.img_size % 32:
-        raise SystemExit(f"--img-size must be a multiple of 32, got {args.img_size}")
-    device = dist_utils.setup(args.device)
-    model, config = load_model(args.checkpoint, device=device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    split = default_split(args.dataset) if args.split == "auto" else args.split
-    dataset = first_samples(build_dataset(args.dataset, args.data, split, img_size=args.img_size, train=False,
-                                   missing_images=args.missing_images, **dataset_options(args)),
-                     args.limit_images)
-    check_classes(dataset.class_names, config, args.data, args.checkpoint)
-    loader_name = args.loader
-    if any(getattr(s, "mask", None) for s in dataset.samples):  # masks come through the torch loader only
-        if loader_name == "dali":
-            raise SystemExit(f"dbc-fast eval: {args.dataset} has masks, which the DALI loader does not read; "
-                             "use --loader torch")
-        loader_name = "torch"
-    if not 0 <= args.mask_threshold <= 1:
-        raise SystemExit(f"--mask-threshold must be in [0, 1], got {args.mask_threshold}")
-    loader = build_loader(dataset, args.batch_size, train=False, loader=loader_name, device=device,
-                          num_workers=args.num_workers, channels_last=args.channels_last)
-    inv = {v: k for k, v in MAP_NAMES.items()}
-    t0 = time.perf_counter()
-
-    def run(eval_loader, chosen=None):
-        return evaluate_model(model, eval_loader, device, amp=args.amp, cam_threshold=args.cam_threshold,
-                              map_keys=tuple(inv[m] for m in args.maps), box_eval=not args.no_maxboxacc,
-                              threshold_sweep=_sweep(args.sweep_interval), progress=not args.no_progress,
-                              mask_threshold=args.mask_threshold,
-                              mask_interval=args.sweep_interval if args.sweep_interval > 0 else 0.01,
-                              allow_nonfinite_maps=args.allow_nonfinite_maps, chosen_thresholds=chosen)
-
-    threshold_split, threshold_results, chosen, threshold_images = split, None, None, len(dataset)
-    if args.threshold_from:
-        threshold_split = args.threshold_from
-        if threshold_split == split:
-            raise SystemExit(f"--threshold-from {threshold_split} is the evaluated split itself; name another "
-                             f"split (or leave the option out)")
-        if args.sweep_interval <= 0:
-            raise SystemExit("--threshold-from needs the threshold sweep (--sweep-interval > 0)")
-        picking = first_samples(build_dataset(args.dataset, args.data, threshold_split, img_size=args.img_size,
-                                       train=False, missing_images=args.missing_images, **dataset_options(args)),
-                         args.limit_images)
-        check_classes(picking.class_names, config, args.data, args.checkpoint)
-        threshold_images = len(picking)
-        threshold_results = run(build_loader(picking, args.batch_size, train=False, loader=loader_name,
-                                             device=device, num_workers=args.num_workers,
-                                             channels_last=args.channels_last))
-        chosen = chosen_thresholds(threshold_results)
-    results = run(loader, chosen)
-    elapsed = time.perf_counter() - t0
-    threshold_note = (f"best-threshold figures (Loc, MaxBoxAccV2): map thresholds chosen on {threshold_split} "
-                      f"({threshold_images} images), reported on {split}" if args.threshold_from else
-                      f"best-threshold figures (Loc, MaxBoxAccV2): map thresholds chosen on {split} itself "
-                      f"(optimistic; --threshold-from val chooses them on a validation split)")
-    if dist_utils.is_main():
-        os.makedirs(args.out, exist_ok=True)
-        report = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "data": args.data,
-                  "split": split, "images": len(dataset), "img_size": args.img_size,
-                  "arch": config["arch"], "method": config["method"], "metrics": results,
-                  "threshold_from": threshold_split, "threshold_note": threshold_note,
-                  "time_s": elapsed}
-        if threshold_results is not None:
-            report["threshold_split_images"] = threshold_images
-            report["threshold_split_metrics"] = threshold_results
-        path = os.path.join(args.out, "metrics.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
-        print(f"{config['arch']}/{config['method']} on {args.dataset} {split} ({len(dataset)} images):")
-        for line in format_results(results):
-            print(line)
-        print(threshold_note)
-        for name, figures in results.items():
-            if figures.get("nonfinite_maps"):
-                print(f"WARNING: {figures['nonfinite_maps']} of {len(dataset)} {name} maps held NaN/inf values and "
-                      f"were scored as misses", file=sys.stderr)
-        print(f"wrote {path}")
-    dist_utils.cleanup()
-    return 0

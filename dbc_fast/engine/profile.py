@@ -1,4 +1,4 @@
-"""`dbc-fast profile`: the paper's Table 10 for a model - parameters, MACs, inference memory, epoch time.
+"""The paper's Table 10 for a model (behind `dbc-fast profile`): parameters, MACs, inference memory, epoch time.
 
 - params: every parameter of the model (backbone, heads, the DBC head's M_c convolution).
 - macs: torch.utils.flop_counter.FlopCounterMode over one forward pass at batch 1 in eval mode (it counts the
@@ -15,9 +15,6 @@ The paper's figures for Conformer-Ti / -S (Table 10; CUB, 200 classes, one V100)
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import time
 from types import SimpleNamespace
 
@@ -30,28 +27,6 @@ PAPER_TABLE_10 = {  # arch -> the paper's Table 10 row
                                 "seconds_per_epoch": 55.0},
 }
 CUB_TRAIN_IMAGES = 5994
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .train import ARCHS, METHODS
-
-    p.add_argument("--arch", choices=ARCHS, default="conformer_tiny_patch16",
-                   help="backbone (default conformer_tiny_patch16)")
-    p.add_argument("--num-classes", type=int, default=200, help="classes of the heads (default 200, CUB)")
-    p.add_argument("--img-size", type=int, default=224, help="square input size, a multiple of 32 (default 224)")
-    p.add_argument("--method", choices=METHODS, default="dbc", help="WSOL method (default dbc)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device (default cuda if available); memory and epoch time are measured on cuda only")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch for the epoch time (default 64)")
-    p.add_argument("--epoch-images", type=int, default=CUB_TRAIN_IMAGES,
-                   help=f"training images per epoch (default {CUB_TRAIN_IMAGES}, CUB-200-2011 train)")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
-    p.add_argument("--warmup-steps", type=int, default=5, help="untimed training steps first (default 5)")
-    p.add_argument("--amp", choices=("bf16", "none"), default="none",
-                   help="bf16 autocast for the timed training steps (default none, float32)")
-    p.add_argument("--ops-backend", choices=("auto", "eager", "triton", "cpp"), default="auto",
-                   help="implementation of the DBC head ops (default auto, as training)")
-    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (JSON)")
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -160,23 +135,3 @@ def format_report(r: dict) -> list[str]:
     return lines
 
 
-def main(args) -> int:
-    if args.img_size <= 0 or args.img_size % 32:
-        raise SystemExit(f"--img-size must be a positive multiple of 32, got {args.img_size}")
-    for name in ("num_classes", "batch_size", "epoch_images", "steps"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup_steps < 0:
-        raise SystemExit(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    report = profile(args)
-    for line in format_report(report):
-        print(line)
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0

@@ -1,18 +1,13 @@
-"""Localization-map panels (paper Figs. 3-5, 7) and `dbc-fast visualize`.
+"""Localization-map panels (paper Figs. 3-5, 7), drawn by `dbc-fast visualize`, `predict --draw` and `train --visualize`.
 
 `render_panel` draws, side by side at a readable size (each panel's shorter side `panel_size` pixels, small
 images upscaled): the original image, then each map (M_a, M_c, M for dbc/cls; M for cam/tscam) as a heat-map
 over the image with the box predicted from that map (green), the ground-truth boxes (red) where known and
 the mask's foreground contour (cyan) for a mask set. Titles and the legend are written in white strips
 above and below the pictures, never over them.
-
-`dbc-fast visualize` saves that panel for a fixed set of images of a dataset split (the first N, or
---indices) from a checkpoint; run it on the checkpoints of several epochs to see the maps form (Fig. 4).
-Maps of cam/tscam are asked for the ground-truth class, as `dbc-fast eval` does.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -70,8 +65,7 @@ def render_panel(image, maps: dict, threshold: float = 0.2, title: str = "", gt_
     import cv2
     from PIL import Image, ImageDraw
 
-    from ..metrics import extract_boxes
-    from .predict import map_to_original
+    from ..metrics import extract_boxes, map_to_original
 
     if not maps:
         raise ValueError("render_panel needs at least one map")
@@ -129,31 +123,6 @@ def model_maps(out: dict, j: int) -> dict:
     return {key: out[key][j].float().cpu() for key, _ in MAP_TITLES if out.get(key) is not None}
 
 
-# ------------------------------------------------------------------------------------------ the command
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .. import cli
-    from ..data import DATASET_NAMES
-    from .train import add_data_arguments
-
-    add_data_arguments(p)
-    for action in p._actions:  # every layout build_dataset reads, mask sets included
-        if action.dest == "dataset":
-            action.choices = DATASET_NAMES
-    p.set_defaults(img_size=None)  # the checkpoint's input size unless given
-    p.add_argument("--split", default="auto", help="split to draw from (default: the one eval reports)")
-    p.add_argument("--checkpoint", help="dbc_fast checkpoint (required)")
-    p.add_argument("--out", type=options.out_dir, help="output folder for the PNGs (required)")
-    p.add_argument("--num-images", type=options.POSITIVE_INT, default=8,
-                   help="draw the split's first N images (default 8)")
-    p.add_argument("--indices", type=options.NON_NEGATIVE_INT, nargs="+", default=None,
-                   help="draw these sample indices of the split instead")
-    p.add_argument("--cam-threshold", type=options.FRACTION, default=0.2, help="map threshold for the boxes (default 0.2)")
-    p.add_argument("--panel-size", type=options.POSITIVE_INT, default=256,
-                   help="pixels of each panel's shorter side (default 256)")
-
-
 def _original_annotations(sample, image):
     """GT boxes and mask of a sample in the pixels of its decoded image."""
     from pathlib import Path
@@ -169,12 +138,11 @@ def _original_annotations(sample, image):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def draw_panels(model, dataset, indices, out_dir: str, cam_threshold: float = 0.2, panel_size: int = 256,
                 epoch: int | None = None, device=None, quiet: bool = False) -> list:
     """One panel PNG per dataset index in `out_dir` (`<index>_<stem>[_epoch<E>].png`): the image, the model's maps
     and boxes, the ground truth. The model is put in eval mode for this and restored. Returns the paths."""
-    from ..data.datasets import load_image
+    from ..data.images import load_image
 
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -204,28 +172,3 @@ def draw_panels(model, dataset, indices, out_dir: str, cam_threshold: float = 0.
     return paths
 
 
-def main(args) -> int:
-    from ..data import build_dataset
-    from .checkpoint import load_model
-    from .evaluate import check_classes, default_split
-    from .train import dataset_options
-
-    missing = [f"--{k}" for k in ("dataset", "data", "checkpoint", "out") if not getattr(args, k, None)]
-    if missing:
-        raise SystemExit(f"dbc-fast visualize: missing required option(s) {', '.join(missing)}")
-    device = torch.device(args.device)
-    model, config = load_model(args.checkpoint, device=device)
-    size = config["img_size"] if args.img_size is None else args.img_size
-    split = default_split(args.dataset) if args.split == "auto" else args.split
-    dataset = build_dataset(args.dataset, args.data, split, img_size=size, train=False, **dataset_options(args))
-    check_classes(dataset.class_names, config, args.data, args.checkpoint)
-    indices = args.indices if args.indices is not None else list(range(min(args.num_images, len(dataset))))
-    bad = [i for i in indices if i >= len(dataset)]
-    if bad:
-        raise SystemExit(f"--indices {bad}: {args.dataset} {split} has {len(dataset)} images (0..{len(dataset) - 1})")
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    epoch = ckpt.get("epoch")
-    draw_panels(model, dataset, indices, args.out, args.cam_threshold, args.panel_size,
-                epoch if isinstance(epoch, int) else None, device)
-    print(f"wrote {len(indices)} panels of {config['arch']}/{config['method']} to {args.out}")
-    return 0

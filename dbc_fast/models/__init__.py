@@ -2,6 +2,7 @@
 from .conformer import ARCH_CONFIGS, Conformer, build_conformer
 from .dbc import DEFAULT_OPTIONS, METHODS, DBCModel, create_model, minmax_normalize
 from .pretrained import load_pretrained
+from .timm_registry import register_timm_models
 
 
 def list_models():
