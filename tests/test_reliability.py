@@ -143,7 +143,7 @@ def test_duplicate_annotation_line_stops_the_build_naming_file_and_line(shared_d
 
 
 def test_a_locked_run_folder_refuses_a_second_training(shared_data, tmp_path, monkeypatch):
-    from dbc_fast.engine.train import lock_run_dir
+    from dbc_fast.engine.run_dir import lock_run_dir
 
     use_stand_in(monkeypatch)
     out = tmp_path / "run"

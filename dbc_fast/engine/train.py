@@ -21,10 +21,10 @@ import json
 import math
 import os
 import random
-import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from .. import progress
 from ..data.transforms import check_img_size
 from ..errors import UserError, warn
 from . import checkpoint as ckpt_lib
+from .run_dir import claim_run_dir, find_resume_path, lock_run_dir, resume_command, trim_metrics
+
 LOSS_KEYS = ("loss", "loss_cla", "loss_neg", "loss_pos")
 
 
@@ -192,78 +194,7 @@ def _tensorboard(out: str):
     return SummaryWriter(os.path.join(out, "tb"))
 
 
-# ---------------------------------------------------------------------------------------------- the run folder
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run leaves in RUN_DIR (config.json aside)
-
-
-def lock_run_dir(out: str) -> int:
-    """An exclusive lock on the folder itself (flock on its descriptor, released when the process ends):
-    a second training into the same --out stops at once instead of interleaving checkpoints and metrics."""
-    import fcntl
-
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise UserError(f"--out {out}: another training is writing to this folder; wait for it to end or "
-                         f"choose another --out")
-    return fd
-
-
-def claim_run_dir(out: str, resuming: bool, overwrite: bool) -> None:
-    """A folder holding a run is only reused to continue it (--resume) or on purpose (--overwrite, which
-    deletes the previous run's checkpoints and metrics so nothing of it is mixed into the new run)."""
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
-    if not found or resuming:
-        return
-    if not overwrite:
-        raise UserError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
-                         f"--overwrite to replace it, or choose another --out")
-    for name in found:
-        os.remove(os.path.join(out, name))
-    _say(f"--overwrite: removed the previous run's {', '.join(found)} from {out}")
-
-
-def trim_metrics(path: str, epochs_done: int) -> None:
-    """Drops metrics.jsonl lines of epochs after the checkpoint a run resumes from (they will be redone)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs_done]
-    if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-
-
-def resume_command(args) -> str:
-    """The command line that continues this run from RUN_DIR/last.pt: the same options, with a bare
-    --resume (and without --overwrite or the test hooks)."""
-    argv = list(getattr(args, "command_line", None) or [])
-    if not argv:
-        return "the same command with --resume"
-    kept, i = [], 0
-    drop_value = {"--debug-kill-after-steps", "--debug-signal-after-steps"}
-    while i < len(argv):
-        token = argv[i]
-        name = token.split("=", 1)[0]
-        if name in ("--overwrite",) or (name in drop_value | {"--resume"} and "=" in token):
-            i += 1
-            continue
-        if token in drop_value or (token == "--resume" and args.resume not in (None, "auto")
-                                   and i + 1 < len(argv) and argv[i + 1] == args.resume):
-            i += 2
-            continue
-        if token == "--resume":
-            i += 1
-            continue
-        kept.append(token)
-        i += 1
-    launcher = "torchrun ... -m dbc_fast" if dist_utils.world_size() > 1 else "dbc-fast"
-    return f"{launcher} {shlex.join(kept + ['--resume'])}"
+# ---------------------------------------------------------------------------------------------- resuming and stopping
 
 
 class StopRequest:
@@ -458,7 +389,72 @@ def count_step_syncs(args, batch_size: int = 8, img_size: int = 224, steps: int 
     return syncs
 
 
-# ---------------------------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass(eq=False)
+class Run:
+    """One training, handed from piece to piece: its options, data, model, optimizer and LR schedule, and where
+    it stands (the epoch and step it starts at, the global step, the best validation, the last good checkpoint)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    train_set: object
+    val_set: object  # None: no validation
+    val_split: str | None
+    loader: object
+    val_loader: object
+    steps_per_epoch: int
+    model: torch.nn.Module  # the plain model: checkpoints and validation
+    config: dict  # the model's description, saved in every checkpoint
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_model: torch.nn.Module | None = None  # what the steps run: the model, DDP- and/or torch.compile-wrapped
+    start_epoch: int = 0
+    start_step: int = 0
+    global_step: int = 0
+    best: dict = field(default_factory=lambda: {"top1_loc": -1.0, "epoch": None})
+    resumed_meters: dict | None = None  # the running loss sums of a checkpoint written inside an epoch
+    last_good: tuple | None = None  # (path, epoch, step) of the last checkpoint written or resumed from
+    flag_group: object = None  # the process group of the per-step flags (`_any_rank`)
+    stop: StopRequest | None = None
+    log: _JsonlLog | None = None  # metrics.jsonl (rank 0)
+    tb: object = None  # the tensorboard writer (rank 0, when tensorboard is installed)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> str:
+        return self.args.out
+
+    def last_good_sentence(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written yet, so there is nothing to resume"
+        path, epoch, step = self.last_good
+        where = f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+        return f"the last good checkpoint is {path} ({where}): resume from it with --resume {path}"
+
+
+@dataclass(eq=False)
+class EpochProgress:
+    """One epoch's training so far."""
+
+    meters: dict  # loss sums and image count of the checked steps, skipped images (kept by mid-epoch checkpoints)
+    tracker: object  # the epoch's SkippedImages
+    bar: progress.Progress
+    step: int  # the next step of the epoch
+    t0: float  # when the epoch's steps (re)started
+    seen: int = 0  # images of the checked steps since t0 (images/s)
+    pending: list = field(default_factory=list)  # (loss record on the device, epoch, step, global step) unchecked
+    stopped: bool = False  # ended early by a stop request
+    train_time: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- the main loop
 
 
 def train(args) -> int:
@@ -471,46 +467,95 @@ def train(args) -> int:
 
 
 def _train(args, locks: list) -> int:
-    import dbc_fast
-    from ..data import SkippedImages
-    from ..data.loader import build_loader
-    from .evaluate import evaluate_model, headline
-
+    """Sets up (or resumes) the run, then per epoch: train, validate, checkpoint and log, until the last epoch
+    or a stop request. Returns the exit code: 0, or 128 + the signal that stopped the run."""
     check_img_size(args.img_size, "--img-size")
     if args.log_every < 1:
         raise UserError(f"--log-every must be >= 1, got {args.log_every}")
     device = dist_utils.setup(args.device)
     configure_device(device)
-    channels_last = channels_last_enabled(args)
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    is_main = rank == 0
-    out = args.out
+    resume_path = open_run_dir(args, locks)
+    state = read_resume_checkpoint(args, resume_path)
+    run = build_run(args, device, state)
+    if state is not None:
+        resume(run, state, resume_path)
+    if run.start_epoch >= args.epochs:
+        _say(f"nothing to do: {args.epochs} epoch(s) already done")
+        dist_utils.cleanup()
+        return 0
+    prepare_training(run)
+    run.stop = StopRequest().install()
+    try:
+        for epoch in range(run.start_epoch, args.epochs):
+            trained = train_one_epoch(run, epoch)
+            if trained.stopped:
+                return stop_run(run, epoch, trained.step, trained.meters)
+            record = epoch_record(run, epoch, trained)
+            is_best = validate(run, epoch, record)
+            say_epoch(run, epoch, record)
+            save_epoch_checkpoints(run, epoch, is_best)
+            if run.is_main:
+                draw_epoch_panels(run, epoch)
+                log_epoch(run, epoch, record)
+            debug_kill(run)
+            if epoch + 1 < args.epochs and stop_requested(run):
+                return stop_run(run, epoch + 1, 0, None)  # the epoch's checkpoint, written again with the stop
+    finally:
+        run.stop.restore()
+    finish(run)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- setting up
+
+
+def open_run_dir(args, locks: list) -> str | None:
+    """Locks --out (rank 0; the lock joins `locks`) and claims it for this run. Returns the checkpoint the run
+    resumes from, None for a new run."""
+    out, is_main = args.out, dist_utils.rank() == 0
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if is_main:
         os.makedirs(out, exist_ok=True)
         locks.append(lock_run_dir(out))
-
-    resume_path = None
-    if args.resume == "auto":
-        candidate = os.path.join(out, "last.pt")
-        if os.path.isfile(candidate):
-            resume_path = candidate
-        elif any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
-            raise UserError(f"--resume: {out} holds a run but no last.pt to resume from; pass --resume FILE, "
-                             f"or --overwrite (without --resume) to replace the run")
-        else:
-            _say(f"--resume: no {candidate} yet, starting a new run")
-    elif args.resume:
-        resume_path = args.resume
+    resume_path = find_resume_path(out, args.resume)
+    if args.resume == "auto" and resume_path is None:
+        _say(f"--resume: no {os.path.join(out, 'last.pt')} yet, starting a new run")
     if is_main:
-        claim_run_dir(out, resuming=resume_path is not None, overwrite=args.overwrite)
-    state = ckpt_lib.load_checkpoint(resume_path) if resume_path else None
-    if state is not None:
-        check_resume_identity(state, args, resume_path)
+        removed = claim_run_dir(out, resuming=resume_path is not None, overwrite=args.overwrite)
+        if removed:
+            _say(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
+    return resume_path
 
+
+def read_resume_checkpoint(args, path: str | None) -> dict | None:
+    """The checkpoint to resume from (None for a new run), checked to hold this run's --arch / --method."""
+    state = ckpt_lib.load_checkpoint(path) if path else None
+    if state is not None:
+        check_resume_identity(state, args, path)
+    return state
+
+
+def build_run(args, device: torch.device, state: dict | None) -> Run:
+    """Data, model, optimizer and LR schedule. The model starts from --pretrained in a new run; a resumed run's
+    weights come from its checkpoint (`resume`)."""
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    channels_last = channels_last_enabled(args)
     seed_everything(args.seed + rank)  # each rank its own drop-path stream; data is seeded separately
     train_set, val_set, val_split = build_datasets(args)
+    loader, val_loader, steps_per_epoch = build_loaders(args, device, train_set, val_set, channels_last, world)
+    model, config = build_model(args, device, state, train_set, val_split, channels_last)
+    optimizer = build_optimizer(model, args, device)
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+    return Run(args=args, device=device, rank=rank, world=world, train_set=train_set, val_set=val_set,
+               val_split=val_split, loader=loader, val_loader=val_loader, steps_per_epoch=steps_per_epoch,
+               model=model, config=config, optimizer=optimizer, scheduler=scheduler)
+
+
+def build_loaders(args, device: torch.device, train_set, val_set, channels_last: bool, world: int):
+    """(training loader, validation loader or None, optimizer steps per epoch)."""
+    from ..data.loader import build_loader
+
     loader = build_loader(train_set, args.batch_size, train=True, loader=args.loader, device=device,
                           num_workers=args.num_workers, seed=args.seed, channels_last=channels_last)
     val_loader = None
@@ -524,11 +569,16 @@ def _train(args, locks: list) -> int:
     if steps_per_epoch == 0:
         raise UserError(f"not one full batch of {args.batch_size} per process in {len(train_set)} training "
                          f"images over {world} process(es): lower --batch-size")
+    return loader, val_loader, steps_per_epoch
 
-    options = model_options(args)
+
+def build_model(args, device: torch.device, state: dict | None, train_set, val_split, channels_last: bool):
+    """(the model on `device`, its checkpoint description)."""
+    import dbc_fast
+
     try:
         model = dbc_fast.create_model(args.arch, train_set.num_classes, method=args.method,
-                                      pretrained=None if state else args.pretrained, **options)
+                                      pretrained=None if state else args.pretrained, **model_options(args))
     except (ValueError, FileNotFoundError) as e:
         if args.pretrained and not state:  # the file's problem, said in one line
             raise ckpt_lib.CheckpointError(f"--pretrained: {e}") from None
@@ -538,249 +588,345 @@ def _train(args, locks: list) -> int:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, args, device)
-    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+    return model, config
 
-    start_epoch, start_step, global_step = 0, 0, 0
-    best = {"top1_loc": -1.0, "epoch": None}
-    resumed_meters = None
-    last_good = None  # (path, epoch, step) of the last checkpoint written or resumed from
-    if state is not None:
-        saved_names = state["config"].get("class_names")
-        if saved_names is not None and list(saved_names) != list(train_set.class_names):
-            raise UserError(f"--resume {resume_path}: its classes differ from those of --data {args.data} "
-                             f"(by name or order); resume with the data it was trained on")
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:  # other model options (e.g. --fstar-block, --mc-kernel-size)
-            first = str(e).strip().splitlines()
-            raise UserError(f"--resume {resume_path}: its weights do not fit this model ({first[-1].strip()[:160]}"
-                             f"); resume with the model options it was trained with") from None
-        optimizer.load_state_dict(state["optimizer"])
-        apply_optimizer_options(optimizer, args, state.get("train_args", {}))
-        fresh = scheduler.state_dict()
-        scheduler.load_state_dict(state["scheduler"])
-        if _schedule_changed(fresh, state["scheduler"]):
-            scheduler.load_state_dict(fresh)  # the new options' schedule, continued from the restored step
-        start_epoch, start_step = state["epoch"], state.get("step", 0)
-        global_step = state.get("global_step", 0)
-        best = state.get("best_metric") or best
-        resumed_meters = state.get("meters")
-        rngs = state.get("rng") or []
-        if len(rngs) == world:
-            ckpt_lib.set_rng_state(rngs[rank])
-        elif start_step:
-            raise UserError(f"{resume_path} was written in the middle of an epoch by {len(rngs)} process(es); "
-                             f"resume it with the same number of processes (this run has {world})")
-        else:
-            warn(f"checkpoint has RNG states of {len(rngs)} process(es), this run has {world}: "
-                  "drop-path randomness is re-seeded (data order and augmentation are unaffected)")
-        old = state.get("train_args", {})
-        changed = [key for key in SCHEDULE_KEYS if key in old and _differs(old[key], getattr(args, key))]
-        if _schedule_changed(fresh, state["scheduler"]):
-            scheduler.step_update(num_updates=global_step)
-            _say(f"resuming with {_changes(changed, old, args) or 'another steps-per-epoch'}: the LR schedule is "
-                 f"recomputed for the new values and continues from global step {global_step} "
-                 f"(LR now {optimizer.param_groups[0]['lr']:.3g})")
-        for key in ("batch_size", "seed", "max_steps_per_epoch", "limit_train_images"):
-            if key in old and _differs(old[key], getattr(args, key)):
-                warn(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} but the checkpoint "
-                      f"was trained with {old[key]}: the run will not match an uninterrupted one")
-        last_good = (resume_path, start_epoch, start_step)
-        _say(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {start_step}, global step {global_step}")
-        if is_main:
-            trim_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
-    if start_epoch >= args.epochs:
-        _say(f"nothing to do: {args.epochs} epoch(s) already done")
-        dist_utils.cleanup()
-        return 0
 
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+def prepare_training(run: Run) -> None:
+    """The model the steps run (DDP, torch.compile), the step flags' process group, metrics.jsonl, tensorboard
+    and config.json; then the line that says what is trained."""
+    args, device = run.args, run.device
+    run.train_model = run.model
+    if run.world > 1:
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=args.ddp_find_unused)
     if args.compile:
-        train_model = compile_model(train_model, device)
-    flag_group = _host_flag_group()
+        run.train_model = compile_model(run.train_model, device)
+    run.flag_group = _host_flag_group()
+    if not run.is_main:
+        return
+    run.log = _JsonlLog(os.path.join(run.out, "metrics.jsonl"))
+    run.tb = _tensorboard(run.out)
+    with open(os.path.join(run.out, "config.json"), "w") as f:
+        json.dump({"args": vars(args), "config": run.config, "world_size": run.world}, f, indent=2, default=str)
+    _say(f"training {args.arch}/{args.method} on {len(run.train_set)} {args.dataset} images "
+         f"({run.steps_per_epoch} steps/epoch x {args.epochs} epochs, {run.world} process(es), device {device}); "
+         f"validation: {run.val_split or 'none'} ({len(run.val_set) if run.val_set is not None else 0} images)")
 
-    log = _JsonlLog(os.path.join(out, "metrics.jsonl")) if is_main else None
-    tb = _tensorboard(out) if is_main else None
-    if is_main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "config": config, "world_size": world}, f, indent=2, default=str)
-        _say(f"training {args.arch}/{args.method} on {len(train_set)} {args.dataset} images "
-             f"({steps_per_epoch} steps/epoch x {args.epochs} epochs, {world} process(es), device {device}); "
-             f"validation: {val_split or 'none'} ({len(val_set) if val_set is not None else 0} images)")
 
-    def last_good_sentence() -> str:
-        if last_good is None:
-            return "no checkpoint was written yet, so there is nothing to resume"
-        path, epoch, step = last_good
-        where = f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
-        return f"the last good checkpoint is {path} ({where}): resume from it with --resume {path}"
+# ---------------------------------------------------------------------------------------------- resuming
 
-    def save(path, epoch, step, meters):
-        nonlocal last_good
-        if not weights_finite(model):  # one sync per checkpoint: a bad update never replaces a good file
-            raise NonFiniteLoss(f"non-finite weights after global step {global_step}: not saved; "
-                                f"{last_good_sentence()}. Lower --lr or try --clip-grad / --amp none.")
-        rngs = dist_utils.all_gather_objects(ckpt_lib.rng_state())  # every rank's stream (collective)
-        if is_main:
-            ckpt_lib.save_atomic({
-                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "global_step": global_step,
-                "rng": rngs, "best_metric": dict(best), "config": config, "train_args": ckpt_lib.plain(vars(args)),
-                "meters": ckpt_lib.plain(meters),
-            }, path)
-        last_good = (path, epoch, step)
 
-    def stopped(epoch, step, meters) -> int:
-        """After SIGINT/SIGTERM: a resumable checkpoint at the step reached, and how to resume it."""
-        path = os.path.join(out, "last.pt")
-        save(path, epoch, step, meters)
-        name = signal.Signals(stop.signum).name
-        _say(f"{name}: stopped at epoch {epoch + 1}, step {step} (global step {global_step}); saved {path}. "
-             f"Resume with:\n  {resume_command(args)}")
-        dist_utils.cleanup()
-        return 128 + stop.signum
+def resume(run: Run, state: dict, path: str) -> None:
+    """Continues the run of checkpoint `state` (read from `path`): weights, optimizer, LR schedule, counters,
+    best validation, running meters and RNG streams; says what this run's options change."""
+    args, old = run.args, state.get("train_args", {})
+    load_weights(run.model, state, path, run.train_set, args)
+    run.optimizer.load_state_dict(state["optimizer"])
+    apply_optimizer_options(run.optimizer, args, old)
+    schedule_changed = restore_schedule(run.scheduler, state["scheduler"])
+    run.start_epoch, run.start_step = state["epoch"], state.get("step", 0)
+    run.global_step = state.get("global_step", 0)
+    run.best = state.get("best_metric") or run.best
+    run.resumed_meters = state.get("meters")
+    restore_rng(run, state.get("rng") or [], path)
+    if schedule_changed:
+        run.scheduler.step_update(num_updates=run.global_step)
+        changed = [key for key in SCHEDULE_KEYS if key in old and _differs(old[key], getattr(args, key))]
+        _say(f"resuming with {_changes(changed, old, args) or 'another steps-per-epoch'}: the LR schedule is "
+             f"recomputed for the new values and continues from global step {run.global_step} "
+             f"(LR now {run.optimizer.param_groups[0]['lr']:.3g})")
+    warn_data_changes(args, old)
+    run.last_good = (path, run.start_epoch, run.start_step)
+    _say(f"resumed from {path}: epoch {run.start_epoch + 1}, step {run.start_step}, global step {run.global_step}")
+    if run.is_main:
+        trim_metrics(os.path.join(run.out, "metrics.jsonl"), run.start_epoch)
 
-    def maybe_kill():
-        if args.debug_kill_after_steps is not None and global_step >= args.debug_kill_after_steps:
-            dist_utils.barrier()
-            os._exit(137)
 
-    stop = StopRequest().install()
+def load_weights(model, state: dict, path: str, train_set, args) -> None:
+    """The checkpoint's weights, refused in one line for other classes or other model options."""
+    saved_names = state["config"].get("class_names")
+    if saved_names is not None and list(saved_names) != list(train_set.class_names):
+        raise UserError(f"--resume {path}: its classes differ from those of --data {args.data} "
+                         f"(by name or order); resume with the data it was trained on")
     try:
-        for epoch in range(start_epoch, args.epochs):
-            first_step = start_step if epoch == start_epoch else 0
-            loader.set_epoch(epoch, first_step)
-            train_model.train()
-            meters = resumed_meters if (epoch == start_epoch and first_step and resumed_meters) else \
-                {"sums": [0.0] * len(LOSS_KEYS), "images": 0, "skipped": {}}
-            tracker = SkippedImages(len(train_set), max_fraction=args.max_skipped_fraction)
-            tracker.paths.update(meters["skipped"])
-            meters["skipped"] = tracker.paths
-            bar = progress.Progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", unit="step",
-                                    initial=first_step, enabled=is_main and not args.no_progress)
-            t0, seen = time.perf_counter(), 0
-            step = first_step
-            pending = []  # (loss record on the device, epoch, step, global step) since the last check
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # other model options (e.g. --fstar-block, --mc-kernel-size)
+        first = str(e).strip().splitlines()
+        raise UserError(f"--resume {path}: its weights do not fit this model ({first[-1].strip()[:160]}"
+                         f"); resume with the model options it was trained with") from None
 
-            def check():
-                """The losses since the last check: NaN/inf stops the run; meters and progress bar advance."""
-                nonlocal seen
-                checked = _check_losses(pending, last_good_sentence())
-                pending.clear()
-                for losses, batch_images in checked:
-                    meters["sums"] = [s + v * batch_images for s, v in zip(meters["sums"], losses)]
-                    meters["images"] += int(batch_images)
-                    seen += int(batch_images)
-                if checked and is_main:
-                    rate = seen / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{checked[-1][0][0]:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{rate:.1f}")
 
-            params = list(model.parameters())
-            for batch in loader:
-                if step >= steps_per_epoch:
-                    break
-                tracker.update(batch)  # warns per unreadable image; too many stop the run
-                empty = len(batch["image"]) == 0  # every image of this batch was unreadable
-                stopping = stop.signum is not None
-                if world > 1:  # DDP needs every rank in every step: all skip when one has nothing, all stop
-                    empty, stopping = _any_rank([empty, stopping], flag_group)
-                if stopping:
-                    check()
-                    bar.close()
-                    return stopped(epoch, step, meters)
-                if empty:
-                    step += 1
-                    bar.update(1)
-                    continue
-                scheduler.step_update(num_updates=global_step)
-                record = train_step(train_model, optimizer, batch["image"], batch["label"], amp=args.amp,
-                                    clip_grad=args.clip_grad, params=params)
-                pending.append((record, epoch, step, global_step))
-                global_step += 1
-                step += 1
-                if is_main:
-                    bar.update(1)
-                saving = args.save_every_steps and step % args.save_every_steps == 0 and step < steps_per_epoch
-                if saving or global_step % args.log_every == 0:
-                    check()
-                if saving:
-                    save(os.path.join(out, "last.pt"), epoch, step, meters)
-                if step < steps_per_epoch:  # the epoch's last step is followed by its end-of-epoch save
-                    maybe_kill()
-                if args.debug_signal_after_steps is not None and global_step == args.debug_signal_after_steps:
-                    os.kill(os.getpid(), getattr(signal, args.debug_signal))
-            check()
-            bar.close()
-            train_time = time.perf_counter() - t0
+def restore_schedule(scheduler, saved: dict) -> bool:
+    """The checkpoint's LR schedule; or, when this run's options give another one (a new --epochs, --lr, ...),
+    that one, left for the caller to continue from the restored step. True when the schedule changed."""
+    fresh = scheduler.state_dict()
+    scheduler.load_state_dict(saved)
+    if not _schedule_changed(fresh, saved):
+        return False
+    scheduler.load_state_dict(fresh)
+    return True
 
-            skipped = sorted({p: r for part in dist_utils.all_gather_objects(tracker.paths) for p, r in part.items()}.items())
-            if skipped:
-                warn(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable training image(s), e.g. "
-                      + "; ".join(f"{p} ({r})" for p, r in skipped[:3]))
-            record = {"epoch": epoch + 1, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"],
-                      "train": {k: s / max(1, meters["images"]) for k, s in zip(LOSS_KEYS, meters["sums"])},
-                      "train_images": meters["images"], "skipped_images": len(skipped),
-                      "skipped_files": [p for p, _ in skipped[:100]],
-                      "images_per_s": seen / max(train_time, 1e-9), "train_time_s": train_time}
-            is_best = False
-            if val_loader is not None:
-                t1 = time.perf_counter()
-                try:
-                    results = evaluate_model(_unwrap(model), val_loader, device, amp=args.amp,
-                                             cam_threshold=args.cam_threshold, map_keys=("map",), box_eval=False,
-                                             threshold_sweep=False, progress=False)
-                except Exception:  # the epoch's training is kept: save it before the error ends the run
-                    save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
-                    warn(f"validation of epoch {epoch + 1} failed; the epoch's training was saved first to "
-                          f"{os.path.join(out, 'last.pt')} (--resume continues with epoch {epoch + 2})")
-                    raise
-                record["val"] = results.get("M", {})
-                record["val_split"] = val_split
-                record["val_time_s"] = time.perf_counter() - t1
-                top1 = record["val"]["top1_loc"]
-                if top1 > best["top1_loc"]:
-                    best = {"top1_loc": top1, "epoch": epoch + 1}
-                    is_best = True
-                _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}, {val_split} "
-                     + headline(record["val"], "M") + f" (best Top-1 Loc {best['top1_loc']:.2f} at epoch {best['epoch']})")
-            else:
-                is_best = True  # no validation: the latest epoch is the one kept as best.pt
-                _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}")
-            record["best"] = best
-            save(os.path.join(out, "last.pt"), epoch + 1, 0, None)
-            if is_main:
-                if is_best:
-                    ckpt_lib.link_or_copy(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
-                if args.visualize and val_set is not None:
-                    from .visualize import draw_panels
 
-                    with _autocast(device, args.amp):
-                        draw_panels(_unwrap(model), val_set, range(min(args.visualize, len(val_set))),
-                                    os.path.join(out, "panels"), args.cam_threshold, epoch=epoch + 1, quiet=True)
-                log.write(record)
-                if tb is not None:
-                    for k, v in record["train"].items():
-                        tb.add_scalar(f"train/{k}", v, epoch + 1)
-                    for k, v in record.get("val", {}).items():
-                        if isinstance(v, (int, float)):
-                            tb.add_scalar(f"val/{k}", v, epoch + 1)
-                    tb.add_scalar("lr", record["lr"], epoch + 1)
-                    tb.flush()
-            maybe_kill()
-            if epoch + 1 < args.epochs and (_any_rank([stop.signum is not None], flag_group)[0] if world > 1
-                                            else stop.signum is not None):
-                return stopped(epoch + 1, 0, None)  # the epoch's checkpoint, written again with the stop
-    finally:
-        stop.restore()
-    if tb is not None:
-        tb.close()
+def restore_rng(run: Run, rngs: list, path: str) -> None:
+    """This rank's RNG streams, when the checkpoint has one per process of this run."""
+    if len(rngs) == run.world:
+        ckpt_lib.set_rng_state(rngs[run.rank])
+    elif run.start_step:
+        raise UserError(f"{path} was written in the middle of an epoch by {len(rngs)} process(es); "
+                         f"resume it with the same number of processes (this run has {run.world})")
+    else:
+        warn(f"checkpoint has RNG states of {len(rngs)} process(es), this run has {run.world}: "
+             "drop-path randomness is re-seeded (data order and augmentation are unaffected)")
+
+
+def warn_data_changes(args, old: dict) -> None:
+    """Options that change what the resumed run sees: it will not match an uninterrupted one."""
+    for key in ("batch_size", "seed", "max_steps_per_epoch", "limit_train_images"):
+        if key in old and _differs(old[key], getattr(args, key)):
+            warn(f"resuming with --{key.replace('_', '-')} {getattr(args, key)} but the checkpoint "
+                 f"was trained with {old[key]}: the run will not match an uninterrupted one")
+
+
+# ---------------------------------------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(run: Run, epoch: int) -> EpochProgress:
+    """The epoch's optimizer steps (in a resumed run's first epoch, from the step it resumes at), with the loss
+    checks, mid-epoch checkpoints and test hooks. Ends early, `stopped`, at a stop request (on any rank)."""
+    args = run.args
+    ep = begin_epoch(run, epoch)
+    params = list(run.model.parameters())
+    for batch in run.loader:
+        if ep.step >= run.steps_per_epoch:
+            break
+        ep.tracker.update(batch)  # warns per unreadable image; too many stop the run
+        empty = len(batch["image"]) == 0  # every image of this batch was unreadable
+        stopping = run.stop.signum is not None
+        if run.world > 1:  # DDP needs every rank in every step: all skip when one has nothing, all stop
+            empty, stopping = _any_rank([empty, stopping], run.flag_group)
+        if stopping:
+            ep.stopped = True
+            break
+        if empty:
+            ep.step += 1
+            ep.bar.update(1)
+            continue
+        run.scheduler.step_update(num_updates=run.global_step)
+        record = train_step(run.train_model, run.optimizer, batch["image"], batch["label"], amp=args.amp,
+                            clip_grad=args.clip_grad, params=params)
+        ep.pending.append((record, epoch, ep.step, run.global_step))
+        run.global_step += 1
+        ep.step += 1
+        if run.is_main:
+            ep.bar.update(1)
+        after_step(run, epoch, ep)
+    check_pending_losses(run, ep)
+    ep.bar.close()
+    ep.train_time = time.perf_counter() - ep.t0
+    return ep
+
+
+def begin_epoch(run: Run, epoch: int) -> EpochProgress:
+    """The loader at the epoch's first step, the model in training mode, the meters (a mid-epoch checkpoint's
+    when the run resumes inside this epoch) and the progress bar."""
+    from ..data import SkippedImages
+
+    args = run.args
+    first_step = run.start_step if epoch == run.start_epoch else 0
+    run.loader.set_epoch(epoch, first_step)
+    run.train_model.train()
+    meters = run.resumed_meters if (epoch == run.start_epoch and first_step and run.resumed_meters) else \
+        {"sums": [0.0] * len(LOSS_KEYS), "images": 0, "skipped": {}}
+    tracker = SkippedImages(len(run.train_set), max_fraction=args.max_skipped_fraction)
+    tracker.paths.update(meters["skipped"])
+    meters["skipped"] = tracker.paths
+    bar = progress.Progress(run.steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", unit="step",
+                            initial=first_step, enabled=run.is_main and not args.no_progress)
+    return EpochProgress(meters=meters, tracker=tracker, bar=bar, step=first_step, t0=time.perf_counter())
+
+
+def after_step(run: Run, epoch: int, ep: EpochProgress) -> None:
+    """At log points the losses are checked; every --save-every-steps steps inside the epoch, last.pt is
+    written; then the test hooks (--debug-kill-after-steps, --debug-signal-after-steps)."""
+    args = run.args
+    saving = args.save_every_steps and ep.step % args.save_every_steps == 0 and ep.step < run.steps_per_epoch
+    if saving or run.global_step % args.log_every == 0:
+        check_pending_losses(run, ep)
+    if saving:
+        save_checkpoint(run, os.path.join(run.out, "last.pt"), epoch, ep.step, ep.meters)
+    if ep.step < run.steps_per_epoch:  # the epoch's last step is followed by its end-of-epoch save
+        debug_kill(run)
+    if args.debug_signal_after_steps is not None and run.global_step == args.debug_signal_after_steps:
+        os.kill(os.getpid(), getattr(signal, args.debug_signal))
+
+
+def check_pending_losses(run: Run, ep: EpochProgress) -> None:
+    """The losses since the last check: NaN/inf stops the run; meters and progress bar advance."""
+    checked = _check_losses(ep.pending, run.last_good_sentence())
+    ep.pending.clear()
+    for losses, batch_images in checked:
+        ep.meters["sums"] = [s + v * batch_images for s, v in zip(ep.meters["sums"], losses)]
+        ep.meters["images"] += int(batch_images)
+        ep.seen += int(batch_images)
+    if checked and run.is_main:
+        rate = ep.seen / max(time.perf_counter() - ep.t0, 1e-9)
+        ep.bar.set_postfix(loss=f"{checked[-1][0][0]:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                             img_s=f"{rate:.1f}")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validate(run: Run, epoch: int, record: dict) -> bool:
+    """Validates the epoch's model into `record` ("val", "val_split", "val_time_s", then "best") and keeps the
+    best epoch by Top-1 Loc of the map M. True when this epoch is the best so far (without validation: always).
+    A failing validation saves the epoch's training first."""
+    from .evaluate import evaluate_model
+
+    if run.val_loader is None:
+        record["best"] = run.best
+        return True  # no validation: the latest epoch is the one kept as best.pt
+    t1 = time.perf_counter()
+    try:
+        results = evaluate_model(_unwrap(run.model), run.val_loader, run.device, amp=run.args.amp,
+                                 cam_threshold=run.args.cam_threshold, map_keys=("map",), box_eval=False,
+                                 threshold_sweep=False, progress=False)
+    except Exception:  # the epoch's training is kept: save it before the error ends the run
+        last = os.path.join(run.out, "last.pt")
+        save_checkpoint(run, last, epoch + 1, 0, None)
+        warn(f"validation of epoch {epoch + 1} failed; the epoch's training was saved first to {last} "
+             f"(--resume continues with epoch {epoch + 2})")
+        raise
+    record["val"] = results.get("M", {})
+    record["val_split"] = run.val_split
+    record["val_time_s"] = time.perf_counter() - t1
+    top1 = record["val"]["top1_loc"]
+    is_best = top1 > run.best["top1_loc"]
+    if is_best:
+        run.best = {"top1_loc": top1, "epoch": epoch + 1}
+    record["best"] = run.best
+    return is_best
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+def epoch_record(run: Run, epoch: int, ep: EpochProgress) -> dict:
+    """The epoch's metrics.jsonl line so far: LR, mean training losses, images (used, skipped), images/s.
+    Warns about the unreadable training images of all ranks."""
+    parts = dist_utils.all_gather_objects(ep.tracker.paths)
+    skipped = sorted({p: r for part in parts for p, r in part.items()}.items())
+    if skipped:
+        warn(f"epoch {epoch + 1}: skipped {len(skipped)} unreadable training image(s), e.g. "
+             + "; ".join(f"{p} ({r})" for p, r in skipped[:3]))
+    meters = ep.meters
+    return {"epoch": epoch + 1, "global_step": run.global_step, "lr": run.optimizer.param_groups[0]["lr"],
+            "train": {k: s / max(1, meters["images"]) for k, s in zip(LOSS_KEYS, meters["sums"])},
+            "train_images": meters["images"], "skipped_images": len(skipped),
+            "skipped_files": [p for p, _ in skipped[:100]],
+            "images_per_s": ep.seen / max(ep.train_time, 1e-9), "train_time_s": ep.train_time}
+
+
+def say_epoch(run: Run, epoch: int, record: dict) -> None:
+    """The epoch's line: its loss and, with validation, its headline metrics and the best epoch."""
+    from .evaluate import headline
+
+    if run.val_loader is None:
+        _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}")
+        return
+    best = run.best
+    _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}, {run.val_split} "
+         + headline(record["val"], "M") + f" (best Top-1 Loc {best['top1_loc']:.2f} at epoch {best['epoch']})")
+
+
+def log_epoch(run: Run, epoch: int, record: dict) -> None:
+    """The epoch's line in metrics.jsonl and its scalars in tensorboard (rank 0)."""
+    run.log.write(record)
+    if run.tb is None:
+        return
+    for k, v in record["train"].items():
+        run.tb.add_scalar(f"train/{k}", v, epoch + 1)
+    for k, v in record.get("val", {}).items():
+        if isinstance(v, (int, float)):
+            run.tb.add_scalar(f"val/{k}", v, epoch + 1)
+    run.tb.add_scalar("lr", record["lr"], epoch + 1)
+    run.tb.flush()
+
+
+def draw_epoch_panels(run: Run, epoch: int) -> None:
+    """--visualize N: the maps of the first N validation images into RUN_DIR/panels/ (rank 0)."""
+    if not run.args.visualize or run.val_set is None:
+        return
+    from .visualize import draw_panels
+
+    with _autocast(run.device, run.args.amp):
+        draw_panels(_unwrap(run.model), run.val_set, range(min(run.args.visualize, len(run.val_set))),
+                    os.path.join(run.out, "panels"), run.args.cam_threshold, epoch=epoch + 1, quiet=True)
+
+
+def finish(run: Run) -> None:
+    """The end of a run that trained all its epochs: where its checkpoints are."""
+    if run.tb is not None:
+        run.tb.close()
+    out, best = run.out, run.best
     _say(f"done: {out}/last.pt, {out}/best.pt (best validation Top-1 Loc {best['top1_loc']:.2f} "
-         f"at epoch {best['epoch']})" if val_loader is not None else f"done: {out}/last.pt")
+         f"at epoch {best['epoch']})" if run.val_loader is not None else f"done: {out}/last.pt")
     dist_utils.cleanup()
-    return 0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: Run, path: str, epoch: int, step: int, meters: dict | None) -> None:
+    """A resumable checkpoint at `step` of `epoch` (step 0: the epoch's start), written by rank 0 with every
+    rank's RNG streams. Non-finite weights are never saved: a bad update does not replace a good file."""
+    if not weights_finite(run.model):  # one sync per checkpoint
+        raise NonFiniteLoss(f"non-finite weights after global step {run.global_step}: not saved; "
+                            f"{run.last_good_sentence()}. Lower --lr or try --clip-grad / --amp none.")
+    rngs = dist_utils.all_gather_objects(ckpt_lib.rng_state())  # every rank's stream (collective)
+    if run.is_main:
+        ckpt_lib.save_atomic({
+            "model": _unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "epoch": epoch, "step": step, "global_step": run.global_step,
+            "rng": rngs, "best_metric": dict(run.best), "config": run.config,
+            "train_args": ckpt_lib.plain(vars(run.args)), "meters": ckpt_lib.plain(meters),
+        }, path)
+    run.last_good = (path, epoch, step)
+
+
+def save_epoch_checkpoints(run: Run, epoch: int, is_best: bool) -> None:
+    """last.pt at the end of the epoch; best.pt the same file when the epoch is the best."""
+    last = os.path.join(run.out, "last.pt")
+    save_checkpoint(run, last, epoch + 1, 0, None)
+    if run.is_main and is_best:
+        ckpt_lib.link_or_copy(last, os.path.join(run.out, "best.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+
+def stop_requested(run: Run) -> bool:
+    """SIGINT / SIGTERM arrived (on any rank)."""
+    if run.world > 1:
+        return _any_rank([run.stop.signum is not None], run.flag_group)[0]
+    return run.stop.signum is not None
+
+
+def stop_run(run: Run, epoch: int, step: int, meters: dict | None) -> int:
+    """After SIGINT/SIGTERM: a resumable checkpoint at the step reached, and how to resume it. Returns the exit
+    code, 128 + the signal."""
+    path = os.path.join(run.out, "last.pt")
+    save_checkpoint(run, path, epoch, step, meters)
+    name = signal.Signals(run.stop.signum).name
+    _say(f"{name}: stopped at epoch {epoch + 1}, step {step} (global step {run.global_step}); saved {path}. "
+         f"Resume with:\n  {resume_command(run.args)}")
+    dist_utils.cleanup()
+    return 128 + run.stop.signum
+
+
+def debug_kill(run: Run) -> None:
+    """--debug-kill-after-steps: a hard exit (as if killed) once that many steps are done."""
+    if run.args.debug_kill_after_steps is not None and run.global_step >= run.args.debug_kill_after_steps:
+        dist_utils.barrier()
+        os._exit(137)
