@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import require_cuda
+
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -34,8 +36,8 @@ def is_main() -> bool:
 
 def setup(device: str) -> torch.device:
     """Initialises the process group from torchrun's environment (if any); returns this process's device."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device (use --device cpu)")
+    if device == "cuda":
+        require_cuda()
     if env_world_size() > 1 and not is_distributed():
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":

@@ -27,18 +27,20 @@ img_w, input_dtype, class_names (one per line), threshold, topk, arch, method, d
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data.images import load_image
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, STRIDE, check_img_size
 from .errors import ExportError, require_cuda
 from .files import atomic_write
+from .models.dbc import CLASS_SPECIFIC_METHODS, minmax_normalize
 
 FORMATS = ("torchscript", "aoti")
 INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
@@ -46,7 +48,6 @@ META_PREFIX = "dbc_fast."
 META_KEYS = ("img_h", "img_w", "input_dtype", "class_names", "threshold", "topk", "arch", "method", "device",
              "num_classes")
 OUTPUT_NAMES = ("logits", "top_probs", "top_classes", "maps", "boxes", "box_classes", "box_scores")
-CLASS_SPECIFIC_METHODS = ("cam", "tscam")  # their map depends on the class: a second pass with map_classes
 
 
 def load_op_library() -> str:
@@ -86,13 +87,11 @@ class InferenceModule(nn.Module):
         probs = logits.softmax(dim=1)
         top_probs, top_classes = probs.topk(self.topk, dim=1)
         box_classes = torch.where(classes >= 0, classes, top_classes[:, 0])
-        if self.class_specific:  # CAM / TS-CAM maps are per class: rerun for the wanted classes
+        if self.class_specific:  # CAM / TS-CAM maps are per class: a second pass for the wanted classes
             out = self.model(x, map_classes=box_classes)
         maps = F.interpolate(out["map"].float()[:, None], size=(self.img_h, self.img_w), mode="bicubic",
                              align_corners=False)[:, 0]
-        low = maps.amin(dim=(1, 2), keepdim=True)
-        high = maps.amax(dim=(1, 2), keepdim=True)
-        maps = (maps - low) / (high - low).clamp_min(1e-12)
+        maps = minmax_normalize(maps)
         boxes = torch.ops.dbc_fast.largest_box(maps, self.cam_threshold)
         box_scores = probs.gather(1, box_classes[:, None])[:, 0]
         return logits, top_probs, top_classes, maps, boxes, box_classes, box_scores
@@ -208,15 +207,9 @@ class ExportedModel:
 
 
 def read_image_uint8(path: str) -> torch.Tensor:
-    """[3, h, w] uint8 RGB of a JPEG / PNG, decoded with PIL (as dbc_infer does with libjpeg / libpng)."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the image: {e}") from e
+    """[3, h, w] uint8 RGB of an image file, decoded by data.images.load_image (PIL, as dbc_infer does with libjpeg /
+    libpng); an unreadable file is a DatasetError naming it."""
+    rgb = np.asarray(load_image(path))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 

@@ -450,24 +450,21 @@ class MaskEvaluator:
         return out
 
 
-def map_to_original(m: torch.Tensor, w: int, h: int) -> np.ndarray:
-    """A low-resolution map [h', w'] -> [h, w] (bicubic, as wsolevaluation), min-max normalised to [0, 1]."""
-    import cv2
+# ------------------------------------------------------------------------- maps at the original image size
 
+
+def map_to_original(m, w: int, h: int) -> np.ndarray:
+    """A low-resolution map [h', w'] (a torch tensor) -> [h, w] float32 (bicubic, as wsolevaluation), min-max
+    normalised to [0, 1]: what `dbc-fast predict` and the panels draw."""
     up = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_CUBIC)
     lo, hi = float(up.min()), float(up.max())
     return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
 
 
-
-def box_in_original(m: torch.Tensor, w: int, h: int, threshold: float, band_rows: int = 256) -> list[float]:
+def box_in_original(m, w: int, h: int, threshold: float, band_rows: int = 256) -> list[float]:
     """The box of extract_boxes(map_to_original(m, w, h), threshold), the same numbers, computed in bands of
     rows: extract_boxes' float64 copies of a full-size map cost 24 bytes a pixel (2.6 GB at 108 megapixels);
     this holds the float32 map and the uint8 score map it thresholds (5 bytes a pixel)."""
-    import cv2
-
-    from ..metrics import _boxes_from_uint8
-
     up = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_CUBIC)
     lo, hi = float(up.min()), float(up.max())
     bands = [slice(r, r + band_rows) for r in range(0, h, band_rows)]

@@ -9,6 +9,7 @@ the line and redraws the bar below it, so no message is cut by a bar or a bar by
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -71,7 +72,12 @@ class Progress:
             warnings.showwarning = self._warning_through_bar
 
     def _warning_through_bar(self, message, category, filename, lineno, file=None, line=None):
-        write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file=self.file)
+        """The warning as the display in place would show it (Python's, or the command line's one-liner), written
+        on its own line above the bar."""
+        text = io.StringIO()
+        self._showwarning(message, category, filename, lineno, text, line)
+        if text.getvalue().strip():
+            write(text.getvalue().rstrip("\n"), file=self.file)
 
     def update(self, n: int = 1) -> None:
         self.n += n

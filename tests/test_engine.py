@@ -4,7 +4,6 @@ Real data (tiny-imagenet-mini) at 32x32 with a handful of steps. The exact-resum
 Conformer-Ti DBC model; the NaN and bad-image tests exercise the loop's policies with a small stand-in
 model (the loop, not the model, is under test there) to keep the suite fast on 2 CPU cores.
 """
-import argparse
 import json
 import os
 import shutil

@@ -76,10 +76,9 @@ def test_thresholds_chosen_on_another_split_and_reported_at_them(tiny_checkpoint
     assert figures["MaxBoxAccV2"] == pytest.approx(sum(accs) / 3)
 
 
-def test_threshold_from_errors(tiny_checkpoint, shared_data, tmp_path, capsys):
+def test_threshold_from_errors(tiny_checkpoint, shared_data, tmp_path, capsys, user_error):
     path, data = tiny_checkpoint
-    with pytest.raises(SystemExit, match="is the evaluated split itself"):
-        main(eval_args(data, path, tmp_path / "a", "--threshold-from", "val"))
+    assert "is the evaluated split itself" in user_error(main, eval_args(data, path, tmp_path / "a", "--threshold-from", "val"))
     # the CUB sample has no images of wsolevaluation's val split: said in one line, no traceback
     meta = str(shared_data / "wsolevaluation-metadata.tar.gz")
     names = build_dataset("cub", str(shared_data / "cub-sample.tar.gz"), "test", metadata=meta,

@@ -21,7 +21,6 @@ import sys
 import tarfile
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -259,7 +258,7 @@ def test_class_specific_maps_follow_the_given_class(method, real_images, op_libr
 
 
 def test_export_errors(checkpoint, tmp_path, op_library):
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="multiple of 32"):
         ex.export_checkpoint(checkpoint, str(tmp_path / "x.ts"), img_size=(64, 70))
     with pytest.raises(ValueError, match="checkpoint not found"):  # CheckpointError
         ex.export_checkpoint(str(tmp_path / "missing.pt"), str(tmp_path / "x.ts"))

@@ -8,7 +8,6 @@ The training loop is exercised with the small stand-in model of test_engine.py (
 import json
 import os
 import shlex
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from dbc_fast.cli import main as cli_main
+from dbc_fast.errors import UserError
 from test_engine import common_args, read_jsonl, use_stand_in
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +106,8 @@ def copy_mini(shared_data, tmp_path):
     return copy_tiny_imagenet(shared_data, tmp_path)
 
 
-def test_eval_refuses_data_whose_classes_differ_from_the_checkpoint_by_name(shared_data, tmp_path, monkeypatch):
+def test_eval_refuses_data_whose_classes_differ_from_the_checkpoint_by_name(shared_data, tmp_path, monkeypatch,
+                                                                          user_error):
     use_stand_in(monkeypatch)
     run = tmp_path / "run"
     assert cli_main(common_args(mini(shared_data), run, "--epochs", "1", "--max-steps-per-epoch", "1",
@@ -120,9 +121,8 @@ def test_eval_refuses_data_whose_classes_differ_from_the_checkpoint_by_name(shar
                          str(run / "last.pt"), "--img-size", "32", "--device", "cpu", "--num-workers", "0",
                          "--limit-images", "4", "--no-progress", "--no-maxboxacc", "--out", str(tmp_path / "eval")])
 
-    with pytest.raises(SystemExit, match=f"in another order: class 0 is '{wnids[1]}' in the data but "
-                                         f"'{wnids[0]}' in the checkpoint"):
-        evaluate(data)
+    assert (f"in another order: class 0 is '{wnids[1]}' in the data but '{wnids[0]}' in the checkpoint"
+            in user_error(evaluate, data))
     assert not (tmp_path / "eval" / "metrics.json").exists()
     assert evaluate(mini(shared_data)) == 0  # the training data's own order is accepted
 
@@ -142,7 +142,7 @@ def test_duplicate_annotation_line_stops_the_build_naming_file_and_line(shared_d
 # ----------------------------------------------------------------------------------- locking / overwrite
 
 
-def test_a_locked_run_folder_refuses_a_second_training(shared_data, tmp_path, monkeypatch):
+def test_a_locked_run_folder_refuses_a_second_training(shared_data, tmp_path, monkeypatch, user_error):
     from dbc_fast.engine.run_dir import lock_run_dir
 
     use_stand_in(monkeypatch)
@@ -150,24 +150,22 @@ def test_a_locked_run_folder_refuses_a_second_training(shared_data, tmp_path, mo
     out.mkdir()
     held = lock_run_dir(str(out))  # a training writing to this folder holds this lock
     try:
-        with pytest.raises(SystemExit, match="another training is writing to this folder"):
-            stand_in_run(shared_data, out)
+        assert "another training is writing to this folder" in user_error(stand_in_run, shared_data, out)
         assert sorted(p.name for p in out.iterdir()) == []  # nothing written, nothing interleaved
     finally:
         os.close(held)
     assert stand_in_run(shared_data, out) == 0  # released: the folder is free again
 
 
-def test_a_finished_run_is_not_replaced_without_resume_or_overwrite(shared_data, tmp_path, monkeypatch):
+def test_a_finished_run_is_not_replaced_without_resume_or_overwrite(shared_data, tmp_path, monkeypatch, user_error):
     use_stand_in(monkeypatch)
     out = tmp_path / "run"
     assert stand_in_run(shared_data, out, "--seed", "1") == 0
     best = (out / "best.pt").read_bytes()
-    with pytest.raises(SystemExit, match=r"already holds a run \(last.pt, best.pt, metrics.jsonl\): pass --resume"):
-        stand_in_run(shared_data, out, "--seed", "2")
+    assert "already holds a run (last.pt, best.pt, metrics.jsonl): pass --resume" in \
+        user_error(stand_in_run, shared_data, out, "--seed", "2")
     assert (out / "best.pt").read_bytes() == best
-    with pytest.raises(SystemExit, match="pass one of them"):
-        stand_in_run(shared_data, out, "--resume", "--overwrite")
+    assert "pass one of them" in user_error(stand_in_run, shared_data, out, "--resume", "--overwrite")
     assert stand_in_run(shared_data, out, "--seed", "2", "--overwrite") == 0
     assert (out / "best.pt").read_bytes() != best
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]  # only the new run's epochs
@@ -258,15 +256,13 @@ def test_resume_with_new_epochs_and_lr_follows_the_new_schedule_from_the_restore
     assert min(lr_extended[2:]) > 1e-5  # not stuck at the old schedule's minimum
 
 
-def test_resume_with_another_arch_is_one_line_naming_both(shared_data, tmp_path, monkeypatch):
+def test_resume_with_another_arch_is_one_line_naming_both(shared_data, tmp_path, monkeypatch, user_error):
     use_stand_in(monkeypatch)
     out = tmp_path / "run"
     assert stand_in_run(shared_data, out) == 0
-    with pytest.raises(SystemExit) as e:
-        stand_in_run(shared_data, out, "--epochs", "3", "--arch", "conformer_small_patch16", "--resume")
-    message = str(e.value)
+    message = user_error(stand_in_run, shared_data, out, "--epochs", "3", "--arch", "conformer_small_patch16",
+                         "--resume")
     assert "conformer_tiny_patch16/dbc" in message and "--arch conformer_small_patch16" in message
-    assert len(message.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------------ NaN
@@ -365,7 +361,7 @@ def test_yaml_non_integer_image_size_is_refused(tmp_path):
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text("img-size: 64.5\n")
-    with pytest.raises(SystemExit, match=r"img-size: 64.5 is not valid \(64.5 is not an integer\)"):
+    with pytest.raises(UserError, match=r"img-size: 64.5 is not valid \(64.5 is not an integer\)"):
         parse(["train", "--config", str(cfg)])
     cfg.write_text("img-size: 64.0\n")
     assert parse(["train", "--config", str(cfg)])[1].img_size == 64
@@ -509,7 +505,7 @@ def test_warnings_during_a_terminal_bar_print_on_their_own_line(shared_data, tmp
     assert "epoch 1/1: " in text and "%|" in text  # a tqdm bar was drawn
     (line,) = [ln for ln in text.replace("\r", "\n").split("\n") if "wholly outside" in ln]
     assert "%|" not in line  # no piece of a bar before or after it
-    assert line.split(": UserWarning: ")[1].startswith(
+    assert line.split("dbc-fast train: warning: ")[1].startswith(
         f"{bad}: box(es) [[70.0, 10.0, 90.0, 58.0]] lie wholly outside the 64x64 image: dropped")
 
 
@@ -523,15 +519,13 @@ def test_a_training_box_wholly_outside_its_image_is_said_not_counted_as_unreadab
     use_stand_in(monkeypatch)
     data, bad = box_outside_training_data(shared_data, tmp_path)
     out = tmp_path / "run"
-    with pytest.warns(UserWarning) as said:
-        assert cli_main(common_args(data, out, "--epochs", "1", "--limit-train-images", "4",
-                                    "--val-split", "none")) == 0
+    assert cli_main(common_args(data, out, "--epochs", "1", "--limit-train-images", "4", "--val-split", "none")) == 0
     (record,) = read_jsonl(out / "metrics.jsonl")
     assert record["skipped_images"] == 0 and record["train_images"] == 4  # the image trains on its label
-    messages = [str(w.message) for w in said]
-    assert f"{bad}: box(es) [[70.0, 10.0, 90.0, 58.0]] lie wholly outside the 64x64 image: dropped (training uses " \
-           f"the image's label, not its boxes)" in messages
-    assert not [m for m in messages + [capsys.readouterr().err] if "unreadable" in m or "skipped" in m]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dbc-fast train: warning: ")]
+    assert f"dbc-fast train: warning: {bad}: box(es) [[70.0, 10.0, 90.0, 58.0]] lie wholly outside the 64x64 image: " \
+           f"dropped (training uses the image's label, not its boxes)" in warnings
+    assert not [m for m in warnings if "unreadable" in m or "skipped" in m]
 
     # evaluation needs the box: there it stops, saying so
     with pytest.raises(DatasetError, match=r"lie wholly outside the 64x64 image") as e:
@@ -567,14 +561,14 @@ def test_a_class_without_images_gets_one_warning_naming_it(shared_data, tmp_path
 
 
 @pytest.fixture(scope="module")
-def raccoon_photo(tmp_path_factory):
+def raccoon_photo(tmp_path_factory, shared_data):
     """A real photo (650x417) and the same photo upscaled to 6000x3849 (23 megapixels), as JPEGs."""
     import tarfile
 
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("raccoon")
-    with tarfile.open(os.path.join(ROOT, "..", "shared", "data", "raccoon.tar")) as tar:
+    with tarfile.open(shared_data / "raccoon.tar") as tar:
         member = tar.getmember("raccoon/images/raccoon-1.jpg")
         (folder / "raccoon-1.jpg").write_bytes(tar.extractfile(member).read())
     photo = Image.open(folder / "raccoon-1.jpg").convert("RGB")
@@ -599,10 +593,9 @@ def test_predict_refuses_an_image_above_the_pixel_limit_in_one_line(raccoon_phot
     _, large = raccoon_photo
     argv = ["predict", "--checkpoint", str(tiny_model_checkpoint), "--images", str(large), "--device", "cpu",
             "--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit) as e:
-        cli_main(argv + ["--max-megapixels", "20"])
-    assert str(e.value) == (f"image {large} is 6000x3849 = 23.1 megapixels, above the 20-megapixel limit "
-                            f"(raise it with --max-megapixels)")
+    assert cli_main(argv + ["--max-megapixels", "20"]) == 1
+    assert capsys.readouterr().err == (f"dbc-fast predict: error: {large}: the image is 6000x3849 = 23.1 megapixels, "
+                                       f"above the 20-megapixel limit (raise it with --max-megapixels)\n")
     assert not (tmp_path / "out").exists()  # refused before any work
     assert cli_main(argv) == 0  # the default limit is 64 megapixels
     (record,) = json.load(open(tmp_path / "out" / "predictions.json"))["predictions"]
@@ -613,8 +606,9 @@ def test_a_large_jpeg_is_decoded_reduced_and_boxed_in_original_pixels(raccoon_ph
     from PIL import Image
 
     from dbc_fast.engine.checkpoint import load_model
-    from dbc_fast.engine.predict import _load, _to_tensor, box_in_original, map_to_original
-    from dbc_fast.metrics import extract_boxes
+    from dbc_fast.data.images import load_image_reduced as _load
+    from dbc_fast.engine.predict import image_tensor as _to_tensor
+    from dbc_fast.metrics import box_in_original, extract_boxes, map_to_original
 
     small, large = raccoon_photo
     reduced, size, region = _load(str(large), 4 * 64)

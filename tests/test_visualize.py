@@ -8,11 +8,10 @@ from PIL import Image
 import dbc_fast
 from dbc_fast.cli import main
 from dbc_fast.data import build_dataset
-from dbc_fast.data.datasets import load_image
+from dbc_fast.data.images import load_image
 from dbc_fast.engine import checkpoint as ckpt_lib
 from dbc_fast.engine.visualize import GT_COLOUR, MASK_COLOUR, PRED_COLOUR, _GAP, _original_annotations, render_panel
-from dbc_fast.metrics import extract_boxes
-from dbc_fast.engine.predict import map_to_original
+from dbc_fast.metrics import extract_boxes, map_to_original
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +77,7 @@ def test_small_image_upscaled_to_a_readable_panel(shared_data):
     assert np.array_equal(picture, reference)
 
 
-def test_visualize_command_and_predict_draw(shared_data, tmp_path):
+def test_visualize_command_and_predict_draw(shared_data, tmp_path, user_error):
     data = shared_data / "voc2012-seg-sample.tar"
     names = build_dataset("voc-seg", str(data), "val", img_size=64).class_names
     torch.manual_seed(0)
@@ -95,6 +94,6 @@ def test_visualize_command_and_predict_draw(shared_data, tmp_path):
     for f in files:
         panel = Image.open(tmp_path / "panels" / f)
         assert panel.size[1] > 256 and panel.size[0] >= 4 * 256
-    with pytest.raises(SystemExit, match="has 153 images"):
-        main(["visualize", "--dataset", "voc-seg", "--data", str(data), "--checkpoint", str(checkpoint),
-              "--device", "cpu", "--indices", "999", "--out", str(tmp_path / "bad")])
+    assert "has 153 images" in user_error(main, ["visualize", "--dataset", "voc-seg", "--data", str(data),
+                                                 "--checkpoint", str(checkpoint), "--device", "cpu", "--indices",
+                                                 "999", "--out", str(tmp_path / "bad")])

@@ -135,7 +135,7 @@ def warnings_as_lines(command: str):
             if not issubclass(category, DBCFastWarning):
                 return python_show(message, category, filename, lineno, file, line)
             if dist_utils.is_main():
-                progress.write(f"dbc-fast {command}: warning: {message}", file=sys.stderr)
+                progress.write(f"dbc-fast {command}: warning: {message}", file=file or sys.stderr)
 
         warnings.showwarning = show
         yield

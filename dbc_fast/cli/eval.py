@@ -60,9 +60,7 @@ def _sweep(interval: float):
 
 
 def main(args) -> int:
-    missing = [f"--{k}" for k in ("dataset", "data", "checkpoint", "out") if not getattr(args, k, None)]
-    if missing:
-        raise UserError(f"missing required option(s) {', '.join(missing)}")
+    options.require_options(args, "dataset", "data", "checkpoint", "out")
     device = dist_utils.setup(args.device)
     model, config = load_model(args.checkpoint, device=device)
     if args.channels_last:

@@ -104,6 +104,14 @@ POSITIVE, NON_NEGATIVE = bounded(float, 0, low_open=True), bounded(float, 0)
 FRACTION = bounded(float, 0, 1)  # map thresholds, fractions
 
 
+def require_options(args, *names: str) -> None:
+    """Options a command needs but argparse cannot mark required (a --config file may give them): missing ones
+    stop with one line naming them."""
+    missing = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name, None) in (None, "", [])]
+    if missing:
+        raise UserError(f"missing required option(s) {', '.join(missing)}")
+
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASET_NAMES, help="dataset layout (required)")

@@ -15,7 +15,6 @@ from ..data.images import check_image_sizes, list_images
 from ..engine.checkpoint import load_model
 from ..engine.predict import DEFAULT_MAX_MEGAPIXELS, image_batches, predict_batch
 from ..engine.visualize import model_maps, render_panel
-from ..errors import UserError
 from ..files import write_json_atomic
 from ..progress import Progress
 from . import options
@@ -49,9 +48,7 @@ def drawing_path(out: str, path: str, used_names: dict) -> str:
 
 
 def main(args) -> int:
-    missing = [f"--{k}" for k in ("checkpoint", "images", "out") if not getattr(args, k, None)]
-    if missing:
-        raise UserError(f"missing required option(s) {', '.join(missing)}")
+    options.require_options(args, "checkpoint", "images", "out")
     device = torch.device(args.device)
     model, config = load_model(args.checkpoint, device=device)
     size = args.img_size or config["img_size"]

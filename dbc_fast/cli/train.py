@@ -5,7 +5,6 @@ import argparse
 import sys
 
 from ..engine.train import NonFiniteLoss, train
-from ..errors import UserError
 from . import options
 from .options import add_data_arguments, add_model_arguments
 
@@ -81,9 +80,7 @@ def train_options(*argv: str) -> argparse.Namespace:
 
 
 def main(args) -> int:
-    missing = [f"--{k.replace('_', '-')}" for k in REQUIRED if getattr(args, k, None) in (None, "")]
-    if missing:
-        raise UserError(f"missing required option(s) {', '.join(missing)}")
+    options.require_options(args, *REQUIRED)
     try:
         return train(args)
     except NonFiniteLoss as e:

@@ -35,9 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    missing = [f"--{k}" for k in ("dataset", "data", "checkpoint", "out") if not getattr(args, k, None)]
-    if missing:
-        raise UserError(f"missing required option(s) {', '.join(missing)}")
+    options.require_options(args, "dataset", "data", "checkpoint", "out")
     device = torch.device(args.device)
     model, config = load_model(args.checkpoint, device=device)
     size = config["img_size"] if args.img_size is None else args.img_size

@@ -11,7 +11,7 @@ import torch
 
 from . import readers
 from .archive import resolve_root
-from ..errors import DatasetError
+from ..errors import DatasetError, warn
 from .images import IMAGE_EXTENSIONS, is_image_file, load_image
 from .readers import NO_BOXES, ReadResult, Sample
 from .transforms import EvalTransform, TrainTransform, check_img_size
@@ -47,7 +47,7 @@ def boxes_for_decoded_size(sample: Sample, decoded_wh: tuple[int, int], train: b
     where it did not, the decoded size is known only now and the policy of readers.check_box applies: a box
     reaching outside is clipped, with a warning; a box wholly outside is an error, except in training, which
     uses the image's label and not its boxes: there the box is dropped with a warning that says so. The
-    warnings go to `notes` when given (a worker process hands them to the main one), else warnings.warn."""
+    warnings go to `notes` when given (a worker process hands them to the main one), else errors.warn."""
     size = tuple(sample.size) if sample.size is not None else tuple(decoded_wh)
     boxes = sample.boxes
     said = []
@@ -67,7 +67,7 @@ def boxes_for_decoded_size(sample: Sample, decoded_wh: tuple[int, int], train: b
         if notes is not None:
             notes.append(note)
         else:
-            warnings.warn(note, stacklevel=2)
+            warn(note, stacklevel=2)
     return size, boxes
 
 
@@ -161,11 +161,11 @@ class SkippedImages:
 
     def update(self, batch: dict) -> int:
         for note in batch.get("notes", ()):  # e.g. a box dropped in a loader's worker process: said here, once
-            warnings.warn(note)
+            warn(note)
         for item in batch.get("skipped", ()):
             if item.path not in self.paths:
                 self.paths[item.path] = item.reason
-                warnings.warn(f"skipped unreadable image {item.path}: {item.reason}")
+                warn(f"skipped unreadable image {item.path}: {item.reason}")
         if self.count > self.max_fraction * max(self.dataset_size, 1):
             raise DatasetError(f"{self.count} of {self.dataset_size} images could not be read (more than "
                                f"{self.max_fraction:.1%}); first: {self.summary()}", next(iter(self.paths)))
@@ -192,7 +192,7 @@ def _read(name: str, root: Path, split: str, metadata=None, class_list=None, val
     if name == "folder":
         base, own = readers.folder_split_root(root, split)
         if not own:
-            warnings.warn(f"folder dataset {root} has no {split}/ subfolder: split {split!r} uses all its images")
+            warn(f"folder dataset {root} has no {split}/ subfolder: split {split!r} uses all its images")
         return readers.read_folder(root, split, boxes=boxes if boxes is not None else val_boxes,
                                    class_list=class_list)
     if name == "voc-seg":
@@ -237,7 +237,7 @@ def build_dataset(name: str, root: str | os.PathLike, split: str, img_size: int 
     if check_files or missing_images == "skip":
         dropped = readers.check_files_exist(result, skip_missing=missing_images == "skip")
         if dropped:
-            warnings.warn(f"{name} {split}: {dropped} image(s) listed in the annotations are not on disk and were "
+            warn(f"{name} {split}: {dropped} image(s) listed in the annotations are not on disk and were "
                           f"left out (missing_images='skip'); {len(result.samples)} remain")
         readers.require_samples(result, f"{name} split {split!r} (no listed image exists)", root_dir)
     readers.warn_clipped(result, f"{name} {split}")
@@ -253,7 +253,7 @@ def warn_empty_classes(result: ReadResult, what: str) -> None:
     empty = [name for name, count in zip(result.class_names, counts) if count == 0]
     if empty:
         names = ", ".join(empty[:20]) + (f" and {len(empty) - 20} more" if len(empty) > 20 else "")
-        warnings.warn(f"{what}: {len(empty)} of {len(result.class_names)} classes have no images: {names}",
+        warn(f"{what}: {len(empty)} of {len(result.class_names)} classes have no images: {names}",
                       stacklevel=3)
 
 

@@ -226,7 +226,7 @@ def _worker_cause(e: Exception) -> Exception:
         return RuntimeError(message.strip())
 
 
-# --- DALI branch (owned by the DALI helper, dbc_fast/data/dali.py) ---
+# NVIDIA DALI (dbc_fast/data/dali.py), imported only when asked for: it is optional
 def _build_dali_loader(dataset, batch_size, train, device, num_workers, seed, drop_last, channels_last,
                        skip_bad_images, distributed):
     # ImportError with the install hint when DALI is not installed

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import multiprocessing
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import warn
 from ..progress import Progress
 from .datasets import WSOLDataset, boxes_for_decoded_size
 from .images import load_image
@@ -57,7 +57,7 @@ def _decode_all(dataset: WSOLDataset, side: int, train: bool, num_workers: int,
             pixels[start:start + len(block)] = block
             meta.extend(block_meta)
             for note in notes:
-                warnings.warn(note)
+                warn(note)
             bar.update(len(block))
     return pixels, meta
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, warn
 from .images import is_image_file
 
 class Sample(NamedTuple):
@@ -106,7 +105,7 @@ def warn_clipped(result: ReadResult, dataset: str) -> None:
     if result.clipped:
         path, line = result.clipped[0]
         where = path if line is None else f"{path}, line {line}"
-        warnings.warn(f"{dataset}: {len(result.clipped)} box(es) reached outside their image and were clipped "
+        warn(f"{dataset}: {len(result.clipped)} box(es) reached outside their image and were clipped "
                       f"to it (first: {where})", stacklevel=3)
 
 

@@ -2,16 +2,18 @@
 docstring says what each figure is)."""
 from __future__ import annotations
 
+import os
 import platform
 import time
 
 import torch
 
-from ..data.datasets import WSOLDataset, build_dataset, image_folder_dataset
+from ..data.datasets import DATASET_NAMES, WSOLDataset, build_dataset, image_folder_dataset
 from ..models import create_model
 from ..progress import Progress
 
-BENCH_DATASETS = ("images", "cub", "ilsvrc", "tiny-imagenet", "folder")  # images: any folder of image files
+# images: any folder of image files; voc-seg is an evaluation set (no train split)
+BENCH_DATASETS = ("images",) + tuple(name for name in DATASET_NAMES if name != "voc-seg")
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -2,7 +2,7 @@
 from .conformer import ARCH_CONFIGS, Conformer, build_conformer
 from .dbc import DEFAULT_OPTIONS, METHODS, DBCModel, create_model, minmax_normalize
 from .pretrained import load_pretrained
-from .timm_registry import register_timm_models
+from . import timm_registry  # noqa: F401  (registers the Conformer variants with timm)
 
 
 def list_models():

@@ -18,6 +18,7 @@ from .. import ops
 from .conformer import ARCH_CONFIGS, Conformer, build_conformer, check_images
 
 METHODS = ("dbc", "cls", "cam", "tscam")
+CLASS_SPECIFIC_METHODS = ("cam", "tscam")  # their map depends on the class asked for (map_classes)
 
 # option name -> paper default (section 3 / 4.1)
 DEFAULT_OPTIONS: Dict[str, object] = {

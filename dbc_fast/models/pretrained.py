@@ -10,18 +10,16 @@ Everything else, or a checkpoint of another variant, raises ValueError naming th
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import pickle
-import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..errors import warn
 from .conformer import ARCH_CONFIGS, CLASSIFIER_PREFIXES, Conformer, build_conformer
 
-log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "module")
 
@@ -178,8 +176,7 @@ def load_backbone_state(backbone: Conformer, sd: Dict[str, torch.Tensor], path: 
     if reinit:
         msg = (f"{path}: the model has {backbone.num_classes} classes; re-initialised {', '.join(reinit)}; "
                f"all other weights loaded")
-        log.info(msg)
-        warnings.warn(msg, stacklevel=3)
+        warn(msg, stacklevel=3)
     result = backbone.load_state_dict(to_load, strict=False)
     if set(result.missing_keys) - (set(sd) - set(to_load)) or result.unexpected_keys:  # cannot happen after the checks above; kept as a guard
         raise ValueError(f"{path}: unexpected load result {result}")
