@@ -41,5 +41,5 @@ def write_text_atomic(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
-def write_json_atomic(path: str, obj, indent: int | None = 2) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent))
+def write_json_atomic(path: str, obj, indent: int | None = 2, default=None) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent, default=default))

@@ -93,14 +93,11 @@ def eager_module(checkpoint, op_library):
 def exported(checkpoint, op_library, tmp_path_factory):
     """{format: path}; TorchScript through the CLI entry point (with its built-in check), .pt2 directly."""
     out = tmp_path_factory.mktemp("export_files")
-    import argparse
+    from dbc_fast.cli import main
 
-    parser = argparse.ArgumentParser()
-    ex.add_arguments(parser)
-    ts = str(out / "model.ts")
-    args = parser.parse_args(["--checkpoint", checkpoint, "--out", ts, "--format", "torchscript",
-                              "--cam-threshold", str(THRESHOLD), "--topk", "3"])
-    assert ex.main(args) == 0
+    ts = str(out / "model.ts")  # the format follows the name: TorchScript
+    assert main(["export", "--checkpoint", checkpoint, "--out", ts, "--cam-threshold", str(THRESHOLD),
+                 "--topk", "3"]) == 0
     pt2 = str(out / "model.pt2")
     ex.export_checkpoint(checkpoint, pt2, fmt="aoti", cam_threshold=THRESHOLD, topk=3, batch=2, max_batch=16,
                          inductor_configs={"aot_inductor.compile_wrapper_opt_level": "O0"})

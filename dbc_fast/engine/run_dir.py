@@ -12,6 +12,7 @@ import shlex
 
 from .. import distributed as dist_utils
 from ..errors import UserError
+from ..files import write_text_atomic
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # what a run leaves in RUN_DIR (config.json aside)
 
@@ -68,9 +69,7 @@ def trim_metrics(path: str, epochs_done: int) -> None:
         lines = [ln for ln in f if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs_done]
     if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, "".join(kept))
 
 
 def resume_command(args) -> str:

@@ -31,10 +31,16 @@ import torch
 
 from .. import distributed as dist_utils
 from .. import progress
+from ..data import SkippedImages, build_dataset, resolve_root
+from ..data.datasets import first_samples
+from ..data.loader import build_loader, check_images_open
 from ..data.transforms import check_img_size
 from ..errors import UserError, warn
+from ..files import write_json_atomic
 from . import checkpoint as ckpt_lib
+from .evaluate import evaluate_model, headline
 from .run_dir import claim_run_dir, find_resume_path, lock_run_dir, resume_command, trim_metrics
+from .visualize import draw_panels
 
 LOSS_KEYS = ("loss", "loss_cla", "loss_neg", "loss_pos")
 
@@ -79,7 +85,6 @@ def validation_split(args):
                     f"on purpose.")
     if args.dataset in ("cub", "ilsvrc"):
         return ("val", None) if args.metadata else ("test", test_warning)
-    from ..data import resolve_root
 
     root = resolve_root(args.data)
     if os.path.isdir(os.path.join(root, "val")):
@@ -104,9 +109,6 @@ def dataset_options(args) -> dict:
 
 
 def build_datasets(args):
-    from ..data import build_dataset
-    from ..data.datasets import first_samples
-    from ..data.loader import check_images_open
 
     train_set = first_samples(build_dataset(args.dataset, args.data, "train", img_size=args.img_size, train=True,
                                      on_corrupt="skip", **dataset_options(args)),
@@ -554,7 +556,6 @@ def build_run(args, device: torch.device, state: dict | None) -> Run:
 
 def build_loaders(args, device: torch.device, train_set, val_set, channels_last: bool, world: int):
     """(training loader, validation loader or None, optimizer steps per epoch)."""
-    from ..data.loader import build_loader
 
     loader = build_loader(train_set, args.batch_size, train=True, loader=args.loader, device=device,
                           num_workers=args.num_workers, seed=args.seed, channels_last=channels_last)
@@ -607,8 +608,8 @@ def prepare_training(run: Run) -> None:
         return
     run.log = _JsonlLog(os.path.join(run.out, "metrics.jsonl"))
     run.tb = _tensorboard(run.out)
-    with open(os.path.join(run.out, "config.json"), "w") as f:
-        json.dump({"args": vars(args), "config": run.config, "world_size": run.world}, f, indent=2, default=str)
+    write_json_atomic(os.path.join(run.out, "config.json"),
+                      {"args": vars(args), "config": run.config, "world_size": run.world}, default=str)
     _say(f"training {args.arch}/{args.method} on {len(run.train_set)} {args.dataset} images "
          f"({run.steps_per_epoch} steps/epoch x {args.epochs} epochs, {run.world} process(es), device {device}); "
          f"validation: {run.val_split or 'none'} ({len(run.val_set) if run.val_set is not None else 0} images)")
@@ -730,7 +731,6 @@ def train_one_epoch(run: Run, epoch: int) -> EpochProgress:
 def begin_epoch(run: Run, epoch: int) -> EpochProgress:
     """The loader at the epoch's first step, the model in training mode, the meters (a mid-epoch checkpoint's
     when the run resumes inside this epoch) and the progress bar."""
-    from ..data import SkippedImages
 
     args = run.args
     first_step = run.start_step if epoch == run.start_epoch else 0
@@ -782,7 +782,6 @@ def validate(run: Run, epoch: int, record: dict) -> bool:
     """Validates the epoch's model into `record` ("val", "val_split", "val_time_s", then "best") and keeps the
     best epoch by Top-1 Loc of the map M. True when this epoch is the best so far (without validation: always).
     A failing validation saves the epoch's training first."""
-    from .evaluate import evaluate_model
 
     if run.val_loader is None:
         record["best"] = run.best
@@ -830,7 +829,6 @@ def epoch_record(run: Run, epoch: int, ep: EpochProgress) -> dict:
 
 def say_epoch(run: Run, epoch: int, record: dict) -> None:
     """The epoch's line: its loss and, with validation, its headline metrics and the best epoch."""
-    from .evaluate import headline
 
     if run.val_loader is None:
         _say(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}")
@@ -858,7 +856,6 @@ def draw_epoch_panels(run: Run, epoch: int) -> None:
     """--visualize N: the maps of the first N validation images into RUN_DIR/panels/ (rank 0)."""
     if not run.args.visualize or run.val_set is None:
         return
-    from .visualize import draw_panels
 
     with _autocast(run.device, run.args.amp):
         draw_panels(_unwrap(run.model), run.val_set, range(min(run.args.visualize, len(run.val_set))),
