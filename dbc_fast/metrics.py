@@ -455,7 +455,8 @@ class MaskEvaluator:
 
 def map_to_original(m, w: int, h: int) -> np.ndarray:
     """A low-resolution map [h', w'] (a torch tensor) -> [h, w] float32 (bicubic, as wsolevaluation), min-max
-    normalised to [0, 1]: what `dbc-fast predict` and the panels draw."""
+    normalised to [0, 1]: what `dbc-fast predict` and the panels draw. float32, unlike normalize_map's float64
+    evaluation copy, because a photo's full-size map can be 100 megapixels; box_in_original gives its box."""
     up = cv2.resize(m.float().cpu().numpy(), (w, h), interpolation=cv2.INTER_CUBIC)
     lo, hi = float(up.min()), float(up.max())
     return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
