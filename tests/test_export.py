@@ -254,6 +254,29 @@ def test_class_specific_maps_follow_the_given_class(method, real_images, op_libr
     assert torch.equal(got[4], out[4]) and torch.equal(got[5], out[5])
 
 
+def test_the_format_follows_the_output_name(checkpoint, tmp_path, monkeypatch, user_error):
+    """--format auto (the default): a .pt2 name is an AOTInductor package, any other name TorchScript; an explicit
+    --format must agree with the name. (The exports themselves are checked above; here only the choice.)"""
+    import dbc_fast.cli.export as command
+    from dbc_fast.errors import ExportError
+
+    asked = []
+
+    def record(checkpoint, out, fmt, **options):
+        asked.append(fmt)
+        raise ExportError("stopped after choosing the format")
+
+    monkeypatch.setattr(command, "export_checkpoint", record)
+    from dbc_fast.cli import main
+
+    for name in ("m.pt2", "m.ts", "m.pt"):
+        user_error(main, ["export", "--checkpoint", checkpoint, "--out", str(tmp_path / name)])
+    assert asked == ["aoti", "torchscript", "torchscript"]
+    monkeypatch.undo()
+    assert "an aoti export must be named *.pt2" in user_error(
+        main, ["export", "--checkpoint", checkpoint, "--format", "aoti", "--out", str(tmp_path / "m.ts")])
+
+
 def test_export_errors(checkpoint, tmp_path, op_library):
     with pytest.raises(ValueError, match="multiple of 32"):
         ex.export_checkpoint(checkpoint, str(tmp_path / "x.ts"), img_size=(64, 70))
